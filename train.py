@@ -22,6 +22,7 @@ Run:
     torchrun --standalone --nproc_per_node=4 train.py    # data parallel over 4 GPUs (gloo on CPUs)
 """
 import argparse
+import ctypes
 import json
 import math
 import os
@@ -52,6 +53,8 @@ def get_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", choices=["flickr8k", "shapes"], default="flickr8k")
     p.add_argument("--data-dir", help="default: data/<data>")
+    p.add_argument("--prep-dir", help="where the prepared arrays go; default: --data-dir (set it when "
+                   "--data-dir is read-only, e.g. ../shared/flickr8k)")
     p.add_argument("--out-dir", default="out")
     p.add_argument("--epochs", type=int, help="default: 15 (flickr8k), 5 (shapes)")
     p.add_argument("--batch-size", type=int, default=64, help="per process")
@@ -77,6 +80,7 @@ def get_args(argv=None):
         if getattr(args, k) is None:
             setattr(args, k, v)
     args.data_dir = args.data_dir or data.default_data_dir(args.data)
+    args.prep_dir = args.prep_dir or args.data_dir
     return args
 
 
@@ -95,8 +99,25 @@ def setup(args):
         torch.cuda.set_device(device)
     if ddp:
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    if device == "cpu":
+        keep_freed_memory()
     dtype, why = pick_dtype(args.dtype, device.split(":")[0])
     return device, dtype, why, rank, world
+
+
+def keep_freed_memory():
+    """Ask glibc to keep freed memory for reuse instead of handing it back to the OS.
+
+    Every CPU step allocates and frees ~50 MB of 112x112 conv activations; by default glibc maps each
+    fresh from the OS and unmaps it on free, so every step pays page faults and zero-fills. Measured
+    1.1x (fp32) to 1.25x (bf16) faster steps; the process keeps its peak memory (a few hundred MB)."""
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL("libc.so.6")
+        except OSError:  # not glibc (musl): nothing to tune
+            return
+        libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD: blocks under 1 GB come from the reusable heap
+        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: keep up to 1 GB of freed heap
 
 
 def pick_dtype(name, device_type):
@@ -228,6 +249,8 @@ def load_checkpoint(path):
 # -----------------------------------------------------------------------------
 # The run
 
+STOP = []  # becomes [True] on Ctrl-C (see main)
+
 def train(args):
     device, dtype, why, rank, world = setup(args)
     master = rank == 0
@@ -246,11 +269,11 @@ def train(args):
 
     # Data: prepared once (downloaded or generated) by rank 0, then read as uint8 arrays.
     if master:
-        data.prepare(args.data, args.data_dir, log=log)
+        data.prepare(args.data, args.data_dir, log=log, prep_dir=args.prep_dir)
     if world > 1:
         dist.barrier()
-    train_split = data.load_split(args.data_dir, "train")
-    val_split = data.load_split(args.data_dir, "val")
+    train_split = data.load_split(args.prep_dir, "train")
+    val_split = data.load_split(args.prep_dir, "val")
     if state:
         tok = Tokenizer.from_json(state["tokenizer"], name=ckpt_path)
     else:
@@ -315,9 +338,6 @@ def train(args):
         checkpoint(ckpt_path)
         plot_losses(os.path.join(args.out_dir, "loss.png"), history["train"], history["val"])
 
-    # Ctrl-C asks the loop to stop at the next step boundary, where the state is consistent.
-    interrupted = []
-    signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
     os.makedirs(args.out_dir, exist_ok=True)
     model.train()
     t0, seen, order_epoch = time.time(), 0, None
@@ -351,15 +371,15 @@ def train(args):
                 f"{seen / dt:.0f} img/s eta {eta / 60:.1f} min")
             t0, seen = time.time(), 0
         if world > 1 and step % args.log_interval == 0:  # every rank must agree to stop together
-            flag = torch.tensor([float(bool(interrupted))], device=device)
+            flag = torch.tensor([float(bool(STOP))], device=device)
             dist.all_reduce(flag)
-            interrupted = [True] if flag.item() else []
-        if interrupted:
+            STOP[:] = [True] if flag.item() else []
+        if STOP:
             if master:
                 checkpoint(ckpt_path)
             log(f"\ninterrupted at step {step}, saved {ckpt_path}; continue with:\n"
                 f"  python train.py --resume --out-dir {args.out_dir}")
-            return None
+            return "interrupted"
         if master and (step % args.eval_interval == 0 or step == stop_at):
             evaluate()
         if world > 1:
@@ -382,11 +402,15 @@ def train(args):
 
 def main():
     args = get_args()
+    # Ctrl-C asks the loop to stop at the next step boundary, where the state is consistent.
+    signal.signal(signal.SIGINT, lambda *_: STOP.append(True))
     try:
-        train(args)
+        result = train(args)
     except data.DataError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    if result == "interrupted":
+        sys.exit(130)  # the shell's code for "stopped by Ctrl-C"
 
 
 if __name__ == "__main__":

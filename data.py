@@ -1,0 +1,541 @@
+"""
+data.py: the two datasets of SupraVL-Nano, prepared once into uint8 arrays that training reads.
+
+- Flickr8k (real photos, 5 captions each): downloaded with resume and retries, checked, safely
+  extracted, parsed, and every image decoded once (in parallel) to size x size.
+- Shapes (built in, offline): procedural images of one or two coloured shapes with 5 captions
+  that name colour, size, shape and where the two objects are relative to each other.
+
+Both end up in the same prepared format, so training has one code path:
+    {prep_dir}/{split}_images_{size}.npy   uint8 (N, size, size, 3)
+    {prep_dir}/{split}_captions.json       {"names": [...], "captions": [[caption, ...], ...]}
+prep_dir defaults to data_dir; pass --prep-dir when data_dir is read-only (prepare() returns it).
+
+Left out: augmentation, cropping (images are squash-resized), any other dataset.
+
+    python data.py --data shapes                    # -> data/shapes (+ contact_sheet.png)
+    python data.py --data flickr8k                  # -> data/flickr8k (download ~1 GB)
+    python data.py --data flickr8k --data-dir ../shared/flickr8k --prep-dir data/flickr8k-small
+"""
+import argparse, json, os, re, shutil, sys, textwrap, time, zipfile, zlib
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import requests
+import torch
+from PIL import Image, ImageDraw, ImageFont, ImageOps
+
+DEFAULT_BASE_URL = "https://github.com/jbrownlee/Datasets/releases/download/Flickr8k/"
+SPLITS = ("train", "val", "test")
+SPLIT_LISTS = {"train": "Flickr_8k.trainImages.txt", "val": "Flickr_8k.devImages.txt",
+               "test": "Flickr_8k.testImages.txt"}
+TOKEN_FILE = "Flickr8k.token.txt"
+IMAGE_DIRS = ("Flicker8k_Dataset", "Flickr8k_Dataset", "images128", "Images", ".")  # first with images wins
+MEAN = (0.485, 0.456, 0.406)  # ImageNet statistics
+STD = (0.229, 0.224, 0.225)
+
+
+class DataError(Exception):
+    """A user-facing problem with a file, an archive or a URL; the message names it."""
+
+
+# ----------------------------------------------------------------------------- captions
+
+def clean_caption(text):
+    """The one caption normaliser used everywhere.
+    >>> clean_caption("  A dog  runs\\tin the park . ")
+    'a dog runs in the park'
+    """
+    text = " ".join(text.lower().split())
+    return text[:-1].rstrip() if text.endswith(".") else text
+
+
+def exact_match(hypothesis, references):
+    """True when the generated caption equals one of the references after cleaning."""
+    return clean_caption(hypothesis) in {clean_caption(r) for r in references}
+
+
+# ----------------------------------------------------------------------------- images
+
+def _to_rgb(im):
+    """Any Pillow mode -> RGB; transparency is composited on white, 16-bit scaled to 8-bit."""
+    if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        a = np.asarray(im, dtype=np.float64)
+        if im.mode.startswith("I;16") or a.max() > 255:
+            a = a / 257.0  # 0..65535 -> 0..255
+        im = Image.fromarray(np.clip(a, 0, 255).astype(np.uint8), "L")
+    if im.mode == "P":
+        im = im.convert("RGBA")  # a palette may carry a transparent index
+    if im.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in im.info:
+        im = im.convert("RGBA")
+        im = Image.alpha_composite(Image.new("RGBA", im.size, (255, 255, 255, 255)), im)
+    return im.convert("RGB")
+
+
+def load_image(path, size=112):
+    """Any image Pillow reads -> uint8 (size, size, 3), squash-resized (no crop), BICUBIC."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise DataError(f"{path}: no such file")
+    if os.path.isdir(path):
+        raise DataError(f"{path}: is a folder, not an image")
+    if os.path.getsize(path) == 0:
+        raise DataError(f"{path}: empty file, not an image")
+    try:
+        with Image.open(path) as im:
+            im.draft("RGB", (size, size))  # JPEG: decode at 1/2, 1/4 or 1/8 scale, several times faster
+            im = ImageOps.exif_transpose(im)  # first frame of an animation; camera rotation applied
+            im = _to_rgb(im).resize((size, size), Image.BICUBIC)
+    except Image.DecompressionBombError as e:
+        raise DataError(f"{path}: refused as a decompression bomb ({e})") from None
+    except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError... for bad files
+        raise DataError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
+    return np.asarray(im, dtype=np.uint8)
+
+
+def normalize(images):
+    """uint8 (B, H, W, 3) on any device -> float32 (B, 3, H, W) with ImageNet mean/std."""
+    if isinstance(images, np.ndarray):
+        images = torch.from_numpy(images)
+    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        raise DataError(f"normalize: expected uint8 (B, H, W, 3), got {images.dtype} {tuple(images.shape)}")
+    mean = torch.tensor(MEAN, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(STD, device=images.device).view(1, 3, 1, 1)
+    x = images.permute(0, 3, 1, 2).contiguous().float()  # (B, 3, H, W), reorder while still 1 byte/pixel
+    return torch.addcmul(-mean / std, x, 1.0 / (255.0 * std))  # (x/255 - mean)/std in one pass
+
+
+# ----------------------------------------------------------------------------- prepared format
+
+@dataclass
+class Split:
+    names: list
+    images: np.ndarray  # (N, S, S, 3) uint8
+    captions: list  # N lists of cleaned captions
+
+
+def _split_paths(prep_dir, split, size):
+    return (os.path.join(prep_dir, f"{split}_images_{size}.npy"),
+            os.path.join(prep_dir, f"{split}_captions.json"))
+
+
+def save_split(prep_dir, split, names, images, captions, size):
+    """Writes both files of a split atomically (path.tmp, then os.replace)."""
+    img_path, cap_path = _split_paths(prep_dir, split, size)
+    with open(img_path + ".tmp", "wb") as f:  # a file object, so np.save adds no second ".npy"
+        np.save(f, np.ascontiguousarray(images, dtype=np.uint8))
+    with open(cap_path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump({"names": list(names), "captions": [list(c) for c in captions]}, f)
+    os.replace(img_path + ".tmp", img_path)
+    os.replace(cap_path + ".tmp", cap_path)
+
+
+def load_split(data_dir, split, size=112, mmap_mode=None):
+    """Reads a prepared split; raises DataError when it is missing or malformed."""
+    img_path, cap_path = _split_paths(data_dir, split, size)
+    for p in (img_path, cap_path):
+        if not os.path.isfile(p):
+            raise DataError(f"{p}: not prepared (run python data.py --data ... first)")
+    try:
+        images = np.load(img_path, mmap_mode=mmap_mode, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise DataError(f"{img_path}: not a readable .npy array ({e})") from None
+    if images.dtype != np.uint8 or images.shape[1:] != (size, size, 3):
+        raise DataError(f"{img_path}: expected uint8 (N, {size}, {size}, 3), got {images.dtype} {images.shape}")
+    try:
+        with open(cap_path, encoding="utf-8") as f:
+            meta = json.load(f)
+        names, captions = meta["names"], meta["captions"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{cap_path}: not a captions file ({type(e).__name__}: {e})") from None
+    if len(names) != len(images) or len(captions) != len(images):
+        raise DataError(f"{cap_path}: {len(names)} names and {len(captions)} caption lists "
+                        f"for {len(images)} images in {img_path}")
+    if not all(isinstance(c, list) and c and all(isinstance(s, str) for s in c) for c in captions):
+        raise DataError(f"{cap_path}: every image needs a non-empty list of caption strings")
+    return Split(names, images, captions)
+
+
+def _summary(prep_dir, size, log):
+    for split in SPLITS:
+        s = load_split(prep_dir, split, size, mmap_mode="r")  # header only: a check, not a read
+        log(f"  {split:5s}: {len(s.names):5d} images, {sum(map(len, s.captions)):6d} captions")
+
+
+# ----------------------------------------------------------------------------- download
+
+_progress_open = False  # a \r progress line is showing: an error message must start a new line
+
+
+def _progress(text, end=False):
+    global _progress_open
+    sys.stderr.write("\r" + text.ljust(79) + ("\n" if end else ""))
+    sys.stderr.flush()
+    _progress_open = not end
+
+
+class _Incomplete(Exception):
+    pass
+
+
+def download(url, dest, retries=4, backoff=1.0, timeout=(10, 60)):
+    """Streams url to dest via dest.part, resuming with a Range request after a failure.
+    dest appears only when complete. HTTP errors and exhausted retries raise DataError."""
+    part, name = dest + ".part", os.path.basename(dest)
+    advice = "check the network, use --base-url for a mirror, or --data shapes to work offline"
+    for attempt in range(retries + 1):
+        have = os.path.getsize(part) if os.path.exists(part) else 0
+        try:
+            headers = {"Range": f"bytes={have}-"} if have else {}
+            with requests.get(url, stream=True, timeout=timeout, headers=headers) as r:
+                if r.status_code == 416:  # our .part is not a prefix the server knows: start over
+                    os.remove(part)
+                    raise _Incomplete("range not satisfiable")
+                if r.status_code >= 500:
+                    raise _Incomplete(f"HTTP {r.status_code}")
+                if r.status_code >= 400:
+                    raise DataError(f"{url}: HTTP {r.status_code} {r.reason}; {advice}")
+                resumed = r.status_code == 206
+                if resumed and not r.headers.get("Content-Range", "").startswith(f"bytes {have}-"):
+                    os.remove(part)  # a range we did not ask for: start over
+                    raise _Incomplete("unexpected Content-Range")
+                if not resumed:
+                    have = 0  # the server sent the whole file (it ignored Range): rewrite from byte 0
+                length = r.headers.get("Content-Length")
+                total = have + int(length) if length and length.isdigit() else None
+                done, t0, shown = have, time.time(), 0.0
+                with open(part, "ab" if resumed else "wb") as f:
+                    for chunk in r.iter_content(1 << 16):
+                        f.write(chunk)
+                        done += len(chunk)
+                        if time.time() - shown > 0.5:
+                            shown, speed = time.time(), (done - have) / max(time.time() - t0, 1e-6)
+                            eta = f"ETA {(total - done) / max(speed, 1):.0f}s" if total else ""
+                            of = f"/{total / 1e6:.1f}" if total else ""
+                            _progress(f"  {name}: {done / 1e6:.1f}{of} MB {speed / 1e6:.2f} MB/s {eta}")
+            if total is not None and os.path.getsize(part) != total:
+                raise _Incomplete(f"got {os.path.getsize(part)} of {total} bytes")
+            _progress(f"  {name}: {os.path.getsize(part) / 1e6:.1f} MB downloaded", end=True)
+            os.replace(part, dest)
+            return dest
+        except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError,
+                _Incomplete) as e:
+            if attempt == retries:
+                raise DataError(f"{url}: download failed after {retries + 1} tries "
+                                f"({type(e).__name__}); {advice}") from None
+            time.sleep(backoff * 2 ** attempt)  # 1, 2, 4, 8 s: give a flaky link time to recover
+        except requests.RequestException as e:  # a bad URL and the like: retrying will not help
+            raise DataError(f"{url}: {type(e).__name__}; {advice}") from None
+
+
+def extract_zip(path, dest_dir):
+    """Checks and extracts an archive into dest_dir. Refuses it whole if any entry is absolute or
+    has '..'; a corrupt archive (bad zip, bad CRC) is removed. __MACOSX junk is skipped."""
+    tmp = os.path.join(dest_dir, ".extract.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        with zipfile.ZipFile(path) as zf:
+            for name in zf.namelist():
+                parts = name.replace("\\", "/").split("/")
+                if name.startswith(("/", "\\")) or ".." in parts or re.match(r"^[A-Za-z]:", name):
+                    raise DataError(f"{path}: unsafe entry {name!r} (absolute or '..'); archive refused")
+            for info in zf.infolist():
+                base = os.path.basename(info.filename.rstrip("/"))
+                if info.filename.startswith("__MACOSX/") or base.startswith("._") or base == ".DS_Store":
+                    continue
+                zf.extract(info, tmp)  # reading checks each entry's CRC
+    except (zipfile.BadZipFile, zlib.error, EOFError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.remove(path)
+        raise DataError(f"{path}: corrupt archive ({e}); removed it, run again to download it again") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for entry in os.listdir(tmp):  # move into place only once everything was extracted
+        target = os.path.join(dest_dir, entry)
+        if os.path.isdir(target):
+            shutil.rmtree(target)
+        os.replace(os.path.join(tmp, entry), target)
+    os.rmdir(tmp)
+
+
+# ----------------------------------------------------------------------------- Flickr8k
+
+def parse_tokens(path):
+    """Flickr8k.token.txt -> ({image name: [cleaned captions]}, number of malformed lines).
+    '1000268201_693b08cb0e.jpg#0<TAB>A child in a pink dress .' -> '1000268201_693b08cb0e.jpg':
+    ['a child in a pink dress']. A space instead of the TAB is accepted."""
+    captions, malformed = {}, 0
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            m = re.match(r"^(\S+)#\d+\s+(.*\S)", line)
+            caption = clean_caption(m[2]) if m else ""
+            if not caption:
+                malformed += line.strip() != ""
+                continue
+            captions.setdefault(m[1], []).append(caption)
+    return captions, malformed
+
+
+def _find_image_dir(data_dir):
+    for sub in IMAGE_DIRS:
+        folder = os.path.normpath(os.path.join(data_dir, sub))
+        if os.path.isdir(folder) and any(n.lower().endswith(".jpg") for n in os.listdir(folder)):
+            return folder
+    return None
+
+
+def _decode(args):
+    path, size = args
+    try:
+        return load_image(path, size), None
+    except DataError as e:
+        return None, str(e)
+
+
+def decode_images(paths, size=112, workers=None, label="images"):
+    """Decodes every path once, on all cores -> (uint8 (N, S, S, 3) of the good ones, ok flags, errors)."""
+    workers = workers or os.cpu_count() or 1
+    out, ok, errors, n = np.zeros((len(paths), size, size, 3), np.uint8), [], [], 0
+    jobs = [(p, size) for p in paths]
+    pool = ProcessPoolExecutor(workers) if workers > 1 and len(paths) >= 64 else None
+    results = pool.map(_decode, jobs, chunksize=16) if pool else map(_decode, jobs)
+    t0 = time.time()
+    try:
+        for i, (img, err) in enumerate(results):
+            ok.append(img is not None)
+            if img is not None:
+                out[n], n = img, n + 1  # good images packed to the front, in order
+            else:
+                errors.append(err)
+            if i % 50 == 49 or i == len(jobs) - 1:
+                _progress(f"  decoding {label}: {i + 1}/{len(jobs)} ({(i + 1) / (time.time() - t0):.0f} img/s)",
+                          end=i == len(jobs) - 1)
+    finally:
+        if pool:
+            pool.shutdown(cancel_futures=True)
+    return out[:n], ok, errors
+
+
+def prepare_flickr8k(data_dir, size=112, base_url=DEFAULT_BASE_URL, log=print, prep_dir=None):
+    """Download (if needed), extract, parse and decode Flickr8k into the prepared format."""
+    prep_dir = prep_dir or data_dir
+    os.makedirs(data_dir, exist_ok=True)
+    token_path = os.path.join(data_dir, TOKEN_FILE)
+    for archive, wanted in (("Flickr8k_text.zip", lambda: os.path.isfile(token_path)),
+                            ("Flickr8k_Dataset.zip", lambda: _find_image_dir(data_dir))):
+        if wanted():
+            continue  # already extracted (or a folder that came without zips)
+        zip_path = os.path.join(data_dir, archive)
+        if not os.path.exists(zip_path):
+            log(f"downloading {base_url.rstrip('/')}/{archive}")
+            download(base_url.rstrip("/") + "/" + archive, zip_path)
+        log(f"extracting {zip_path}")
+        extract_zip(zip_path, data_dir)
+        if not wanted():
+            raise DataError(f"{zip_path}: does not hold the expected Flickr8k files")
+    captions, malformed = parse_tokens(token_path)
+    image_dir = _find_image_dir(data_dir)
+    log(f"{len(captions)} images with captions in {TOKEN_FILE} ({malformed} malformed lines skipped); "
+        f"images from {image_dir}")
+    for split in SPLITS:
+        list_path = os.path.join(data_dir, SPLIT_LISTS[split])
+        if not os.path.isfile(list_path):
+            raise DataError(f"{list_path}: split list not found")
+        with open(list_path, encoding="utf-8", errors="replace") as f:
+            listed = list(dict.fromkeys(line.strip() for line in f if line.strip()))
+        uncaptioned = [n for n in listed if n not in captions]
+        present = [n for n in listed if n in captions and os.path.isfile(os.path.join(image_dir, n))]
+        images, ok, errors = decode_images([os.path.join(image_dir, n) for n in present], size, label=split)
+        names = [n for n, good in zip(present, ok) if good]
+        save_split(prep_dir, split, names, images, [captions[n] for n in names], size)
+        n_missing = len(listed) - len(uncaptioned) - len(present)
+        log(f"  {split:5s}: {len(names)} of {len(listed)} listed images prepared; skipped "
+            f"{n_missing} missing, {len(errors)} unreadable, {len(uncaptioned)} without captions")
+        for err in errors[:3]:
+            log(f"    {err}")
+
+
+# ----------------------------------------------------------------------------- Shapes
+
+COLOURS = {"red": (215, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 225),  # far apart in RGB
+           "yellow": (235, 215, 40), "purple": (140, 60, 190), "cyan": (40, 200, 215)}
+SHAPES = ("circle", "square", "triangle")
+RADII = {"small": (10.0, 12.0), "large": (19.0, 22.0)}  # half-extent, in units of a 112-pixel image
+GAP = 6.0  # minimum empty space between the two objects along the axis of their relation
+
+
+@dataclass
+class Obj:
+    shape: str
+    colour: str
+    size: str
+    x: float  # centre and half-extent, in 112-pixel units (so captions do not depend on image size)
+    y: float
+    r: float
+
+    def phrase(self):
+        return f"{self.size} {self.colour} {self.shape}"
+
+
+def _random_obj(rng):
+    size = ("small", "large")[rng.integers(2)]
+    return Obj(SHAPES[rng.integers(len(SHAPES))], list(COLOURS)[rng.integers(len(COLOURS))], size,
+               0.0, 0.0, float(rng.uniform(*RADII[size])))
+
+
+def random_scene(rng):
+    """One object anywhere, or two placed so that 'left of' or 'above' holds with a clear margin:
+    the gap along the main axis is >= GAP and the offset across it at most half the offset along it."""
+    a = _random_obj(rng)
+    if rng.random() < 0.5:
+        a.x, a.y = (float(rng.uniform(a.r + 3, 109 - a.r)) for _ in range(2))
+        return [a]
+    b = _random_obj(rng)
+    while (b.colour, b.shape) == (a.colour, a.shape):  # never two identical-looking objects
+        b = _random_obj(rng)
+    lo_a, hi_a, lo_b, hi_b = a.r + 3, 109 - a.r, b.r + 3, 109 - b.r
+    along_a = rng.uniform(lo_a, hi_b - a.r - b.r - GAP)  # a first (left or upper), b after it
+    along_b = rng.uniform(along_a + a.r + b.r + GAP, hi_b)
+    half = (along_b - along_a) / 2
+    across_a = rng.uniform(lo_a, hi_a)
+    across_b = rng.uniform(max(lo_b, across_a - half), min(hi_b, across_a + half))
+    if rng.random() < 0.5:  # horizontal: a is left of b
+        a.x, a.y, b.x, b.y = along_a, across_a, along_b, across_b
+    else:  # vertical: a is above b
+        a.x, a.y, b.x, b.y = across_a, along_a, across_b, along_b
+    return [a, b] if rng.random() < 0.5 else [b, a]  # list order carries no meaning
+
+
+def scene_captions(objs):
+    """Five true, differently worded captions from a few fixed templates.
+    [small red circle left of large blue square] -> 'a small red circle to the left of a large blue square',
+    'a large blue square to the right of a small red circle', 'there is a ...', ..."""
+    if len(objs) == 1:
+        o = objs[0].phrase()
+        return [f"a {o}", f"there is a {o}", f"a picture of a {o}", f"a single {o}", f"an image with one {o}"]
+    a, b = objs
+    if abs(b.x - a.x) > abs(b.y - a.y):  # the relation's axis is the one with the larger offset
+        (a, b), fwd, inv = sorted(objs, key=lambda o: o.x), "to the left of", "to the right of"
+    else:
+        (a, b), fwd, inv = sorted(objs, key=lambda o: o.y), "above", "below"
+    a, b = a.phrase(), b.phrase()
+    return [f"a {a} {fwd} a {b}", f"a {b} {inv} a {a}", f"there is a {a} {fwd} a {b}",
+            f"there is a {b} {inv} a {a}", f"a picture of a {a} {fwd} a {b}"]
+
+
+def draw_scene(objs, rng, size=112):
+    """Muted, tinted grey background with a gentle gradient, then the objects. -> uint8 (S, S, 3)"""
+    k = size / 112
+    base = rng.uniform(60, 190) + rng.uniform(-15, 15, 3)  # (3,) grey with a tint
+    angle, amp = rng.uniform(0, 2 * np.pi), rng.uniform(0, 20)
+    ramp = np.linspace(-amp, amp, size)
+    bg = base + np.cos(angle) * ramp[None, :, None] + np.sin(angle) * ramp[:, None, None]  # (S, S, 3)
+    im = Image.fromarray(np.clip(bg, 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(im)
+    for o in objs:
+        fill = tuple(int(v) for v in np.clip(np.array(COLOURS[o.colour]) + rng.integers(-12, 13, 3), 0, 255))
+        x, y, r = o.x * k, o.y * k, o.r * k
+        if o.shape == "circle":
+            draw.ellipse([x - r, y - r, x + r, y + r], fill=fill)
+        elif o.shape == "square":
+            draw.rectangle([x - 0.85 * r, y - 0.85 * r, x + 0.85 * r, y + 0.85 * r], fill=fill)
+        else:
+            draw.polygon([(x, y - r), (x - r, y + r), (x + r, y + r)], fill=fill)
+    return np.asarray(im)
+
+
+def make_shapes(data_dir, sizes=(6000, 1000, 1000), seed=0, size=112, log=print):
+    """Generates the three splits into data_dir. Each split has its own random streams (disjoint),
+    and scenes use a stream of their own, so captions are the same at every image size."""
+    os.makedirs(data_dir, exist_ok=True)
+    for i, (split, n) in enumerate(zip(SPLITS, sizes)):
+        scene_rng, pixel_rng = np.random.default_rng([seed, i, 0]), np.random.default_rng([seed, i, 1])
+        scenes = [random_scene(scene_rng) for _ in range(n)]
+        images = np.zeros((n, size, size, 3), np.uint8)
+        for j, objs in enumerate(scenes):
+            images[j] = draw_scene(objs, pixel_rng, size)
+        for j in range(0, n, 512):  # pixel noise, vectorised in chunks to bound memory
+            chunk = images[j:j + 512]
+            chunk[:] = np.clip(chunk + pixel_rng.integers(-12, 13, chunk.shape, dtype=np.int16), 0, 255)
+        save_split(data_dir, split, [f"shapes_{split}_{j:05d}" for j in range(n)], images,
+                   [scene_captions(objs) for objs in scenes], size)
+        log(f"  {split:5s}: {n} images generated")
+
+
+def contact_sheet(split, path, n=12, cols=4):
+    """A PNG of the first n images (shown at 2x) with their captions beneath, for a person to look at."""
+    font = ImageFont.load_default(size=12)  # bitmap fallback when Pillow lacks FreeType
+    n = min(n, len(split.names))
+    cell_w, cell_h = 240, 240 + 14 * 12
+    sheet = Image.new("RGB", (cell_w * cols, cell_h * max(1, -(-n // cols))), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i in range(n):
+        x, y = (i % cols) * cell_w, (i // cols) * cell_h
+        sheet.paste(Image.fromarray(split.images[i]).resize((224, 224), Image.NEAREST), (x + 8, y + 8))
+        lines = [line for c in split.captions[i] for line in textwrap.wrap(c, 38, subsequent_indent="  ")]
+        draw.multiline_text((x + 8, y + 236), "\n".join(lines[:12]), fill="black", font=font, spacing=2)
+    with open(path + ".tmp", "wb") as f:
+        sheet.save(f, format="PNG")
+    os.replace(path + ".tmp", path)
+
+
+# ----------------------------------------------------------------------------- one entry point
+
+def default_data_dir(data):
+    return os.path.join("data", data)
+
+
+def prepare(data, data_dir=None, size=112, base_url=DEFAULT_BASE_URL, log=print, prep_dir=None):
+    """Makes sure all three splits of `data` are prepared; a second call only checks.
+    Prepared files go into prep_dir (default: data_dir). Returns prep_dir, for load_split."""
+    if data not in ("flickr8k", "shapes"):
+        raise DataError(f"unknown dataset {data!r} (use flickr8k or shapes)")
+    if not 8 <= size <= 1024:
+        raise DataError(f"--size {size}: use 8..1024")
+    data_dir = data_dir or default_data_dir(data)
+    prep_dir = prep_dir or data_dir
+    if all(os.path.isfile(p) for s in SPLITS for p in _split_paths(prep_dir, s, size)):
+        log(f"{data}: already prepared in {prep_dir} at {size}x{size}")
+        _summary(prep_dir, size, log)
+        return prep_dir
+    try:
+        os.makedirs(prep_dir, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"{prep_dir}: cannot create it ({e.strerror}); pass --prep-dir DIR") from None
+    if not os.access(prep_dir, os.W_OK) or not os.stat(prep_dir).st_mode & 0o200:  # root ignores modes
+        raise DataError(f"{prep_dir}: not writable; pass --prep-dir DIR for the prepared arrays")
+    t0 = time.time()
+    if data == "shapes":
+        log(f"shapes: generating into {prep_dir}")
+        make_shapes(prep_dir, size=size, log=log)
+        contact_sheet(load_split(prep_dir, "val", size), os.path.join(prep_dir, "contact_sheet.png"))
+        log(f"  wrote {os.path.join(prep_dir, 'contact_sheet.png')}")
+    else:
+        log(f"flickr8k: preparing {data_dir} into {prep_dir}")
+        prepare_flickr8k(data_dir, size, base_url, log, prep_dir)
+    log(f"{data}: prepared in {time.time() - t0:.1f}s")
+    _summary(prep_dir, size, log)
+    return prep_dir
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Download/generate and prepare a dataset for SupraVL-Nano.")
+    p.add_argument("--data", choices=["flickr8k", "shapes"], default="shapes")
+    p.add_argument("--data-dir", help="originals (default: data/<data>)")
+    p.add_argument("--prep-dir", help="where the prepared arrays go (default: --data-dir)")
+    p.add_argument("--base-url", default=DEFAULT_BASE_URL, help="Flickr8k mirror holding the two zips")
+    p.add_argument("--size", type=int, default=112, help="image side in pixels")
+    args = p.parse_args(argv)
+    try:
+        prepare(args.data, args.data_dir, args.size, args.base_url, print, args.prep_dir)
+    except (DataError, OSError, KeyboardInterrupt) as e:
+        if isinstance(e, KeyboardInterrupt):
+            e = "interrupted (a partial download stays as .part and is resumed next time)"
+        print(("\n" if _progress_open else "") + f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1326 @@
+"""
+test_all.py: the whole test suite, one section per file, in reading order.
+
+Real parts only: real files, a real HTTP server on 127.0.0.1 for the downloads, real training runs
+(tiny ones) for resume and torchrun. Tests that need ../shared/flickr8k or optional libraries
+(`tokenizers`, `safetensors`, used only to cross-check our file formats) skip with a reason.
+
+    python -m pytest -q test_all.py            # about a minute on a 2-core CPU
+"""
+import io
+import json
+import math
+import os
+import random
+import re
+import signal
+import struct
+import subprocess
+import sys
+import threading
+import time
+import zipfile
+import zlib
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+import sample
+import train
+from bpe import SPECIALS, Tokenizer
+from data import DataError
+from model import Config, VLM
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SHARED = os.path.join(HERE, "..", "shared", "flickr8k")
+
+
+# ==================================================================================================
+# bpe.py: the tokenizer
+# ==================================================================================================
+
+BPE_PY = Path(__file__).parent / "bpe.py"
+
+CAPTIONS = [
+    "a dog runs on the grass", "two dogs play in the snow", "a man in a red shirt is climbing a rock",
+    "a girl is jumping into the water", "the black dog is running through the grass",
+    "a child in a pink dress is climbing up a set of stairs in an entry way",
+    "a little girl climbing into a wooden playhouse", "two men are standing on a beach near the ocean",
+    "a brown dog is running after a ball", "a woman wearing a blue hat is sitting on a bench",
+    "three people ride bikes down a dirt road", "a boy jumps off a swing at the park",
+    "a black and white dog catches a frisbee", "a group of people stand in front of a building",
+    "the surfer rides a big wave", "a skier goes down a snowy hill", "it's a cat's toy, isn't it?",
+]
+ODD_STRINGS = ["", " ", "   ", "\t\n \r\n", "\x00", "a\x00b\x00", "  a  dog  ", "dog\n\n",
+               "😀", "👩‍👩‍👧 family", "e\u0301 cafe\u0301 n\u0303", "\u0301\u0302 lone marks",
+               "日本語のテキスト", "ÀÉÎõü ß", "\ufeffbom", "\ud800 lone surrogate \udfff", "x" * 500]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return Tokenizer.train(CAPTIONS * 3, vocab_size=400)
+
+
+def test_round_trip_random_unicode(tok):
+    rng = random.Random(0)
+    # ASCII, whitespace, Latin-1, combining marks, CJK, emoji, and anything at all (surrogates too)
+    pools = [lambda: chr(rng.randrange(32, 127)), lambda: rng.choice(" \t\n\r\x0b\x0c\x1c\x85\xa0\u3000"),
+             lambda: chr(rng.randrange(0xa0, 0x250)), lambda: chr(rng.randrange(0x300, 0x370)),
+             lambda: chr(rng.randrange(0x4e00, 0x4f00)), lambda: chr(rng.randrange(0x1f600, 0x1f650)),
+             lambda: chr(rng.randrange(0x110000))]
+    for _ in range(300):
+        s = "".join(rng.choice(pools)() for _ in range(rng.randrange(0, 30)))
+        assert tok.decode(tok.encode(s)) == s, repr(s)
+
+
+@pytest.mark.parametrize("s", ODD_STRINGS)
+def test_round_trip_odd_strings(tok, s):
+    ids = tok.encode(s)
+    assert all(3 <= i < tok.vocab_size for i in ids)  # never a special id
+    assert tok.decode(ids) == s
+
+
+def test_decode_drops_specials_and_never_raises(tok):
+    ids = tok.encode("a dog 😀")
+    assert tok.decode([tok.bos_id] + ids + [tok.eos_id, tok.pad_id]) == "a dog 😀"
+    assert tok.decode([10**9, -1]) == ""  # unknown ids are skipped
+    emoji_bytes = [tok.byte_ids[b] for b in "😀".encode()]
+    assert tok.decode(emoji_bytes[:2]) == "\ufffd"
+
+
+def test_first_merges_by_hand():
+    # Words: "hug", " hug", " pug", " hugs", " bun" (a word keeps its leading space).
+    # Pair counts: (u,g)=4, (h,u)=3, (" ",h)=2, the rest 1  -> merge 1: u+g = "ug" (id 259).
+    # Then (h,ug)=3, (" ",h)=2                              -> merge 2: h+ug = "hug" (id 260).
+    # Then (" ",hug)=2 (" hug", " hugs"), the rest 1        -> merge 3: " "+hug = " hug" (id 261).
+    # Now no pair occurs twice, so training stops early at 262 tokens.
+    # Byte b has id 3 + b: " "=35, g=106, h=107, u=120.
+    t = Tokenizer.train(["hug hug pug hugs bun"], vocab_size=1000)
+    assert t.merges == [(120, 106), (107, 259), (35, 260)]
+    assert [t.vocab[i] for i in (259, 260, 261)] == [b"ug", b"hug", b" hug"]
+    assert t.vocab_size == 262
+    assert t.encode("hug hugs") == [260, 261, 3 + ord("s")]
+    # Ties: in "ab cd ab cd" the pairs (a,b), (" ",c), (c,d) all occur twice; the smallest ids win,
+    # so " "+c (35, 102) comes first, then a+b (100, 101), then " c"+d (259, 103).
+    t = Tokenizer.train(["ab cd ab cd"], vocab_size=1000)
+    assert t.merges == [(35, 102), (100, 101), (259, 103)]
+
+
+def test_training_is_deterministic_and_respects_vocab_size():
+    a = Tokenizer.train(CAPTIONS, vocab_size=300)
+    b = Tokenizer.train(list(CAPTIONS), vocab_size=300)
+    assert a.merges == b.merges and a.to_json() == b.to_json()
+    for size in (259, 260, 300, 333):
+        t = Tokenizer.train(CAPTIONS * 5, vocab_size=size)
+        assert t.vocab_size <= size
+        assert max(i for c in CAPTIONS for i in t.encode(c)) < t.vocab_size
+    with pytest.raises(ValueError):
+        Tokenizer.train(CAPTIONS, vocab_size=100)
+
+
+def test_save_load_gives_identical_ids(tok, tmp_path):
+    path = str(tmp_path / "tokenizer.json")
+    tok.save(path)
+    loaded = Tokenizer.load(path)
+    again = Tokenizer.from_json(tok.to_json())
+    for s in CAPTIONS + ODD_STRINGS:
+        assert loaded.encode(s) == tok.encode(s) == again.encode(s)
+    assert loaded.vocab_size == tok.vocab_size and loaded.merges == tok.merges
+    assert (loaded.pad_id, loaded.bos_id, loaded.eos_id) == (0, 1, 2)
+    assert loaded.to_json() == tok.to_json()
+
+
+def _edit(text, change):
+    d = json.loads(text)
+    change(d)
+    return json.dumps(d)
+
+
+def test_bad_tokenizer_files_raise_clear_errors(tok, tmp_path):
+    good = tok.to_json()
+    first_merge = json.loads(good)["model"]["merges"][0]
+    cases = {
+        "not json": ("{not json", "not valid JSON"),
+        "a list": ("[1, 2]", "no 'model'"),
+        "wordpiece": (_edit(good, lambda d: d["model"].update(type="WordPiece")), "WordPiece"),
+        "no vocab": (_edit(good, lambda d: d["model"].pop("vocab")), "model.vocab"),
+        "unknown merge": (_edit(good, lambda d: d["model"]["merges"].append(["zz", "q"])), "unknown token 'zz'"),
+        "no specials": (_edit(good, lambda d: (d["model"]["vocab"].pop("<bos>"), d.update(added_tokens=[]))),
+                        "<bos>"),
+        "missing byte": (_edit(good, lambda d: d["model"]["vocab"].pop("Ġ")), "byte tokens"),
+        "prefix space": (_edit(good, lambda d: d["pre_tokenizer"].update(add_prefix_space=True)), "add_prefix_space"),
+        "repeated merge": (_edit(good, lambda d: d["model"]["merges"].append(first_merge)), "repeated"),
+        "string id": (_edit(good, lambda d: d["model"]["vocab"].update(a="7")), "not a non-negative integer"),
+    }
+    for label, (text, problem) in cases.items():
+        path = tmp_path / f"{label.replace(' ', '_')}.json"
+        path.write_text(text, encoding="utf-8")
+        with pytest.raises(ValueError) as err:
+            Tokenizer.load(str(path))
+        assert str(err.value).startswith(f"{path}: ") and problem in str(err.value), (label, str(err.value))
+    with pytest.raises(ValueError, match="nope.json: cannot read"):
+        Tokenizer.load(str(tmp_path / "nope.json"))
+    (tmp_path / "latin1.json").write_bytes(b"\xff\xfe{")
+    with pytest.raises(ValueError, match="latin1.json: not UTF-8"):
+        Tokenizer.load(str(tmp_path / "latin1.json"))
+
+
+def test_old_merges_format_is_accepted(tok):
+    # tokenizers < 0.20 wrote merges as "a b" strings; tokenizers 0.23 writes ["a", "b"]
+    old = _edit(tok.to_json(), lambda d: d["model"].update(merges=[" ".join(m) for m in d["model"]["merges"]]))
+    assert Tokenizer.from_json(old).merges == tok.merges
+
+
+def test_huggingface_tokenizers_loads_our_file_and_we_load_theirs(tok, tmp_path):
+    tokenizers = pytest.importorskip("tokenizers")
+    ours = str(tmp_path / "ours.json")
+    tok.save(ours)
+    hf = tokenizers.Tokenizer.from_file(ours)
+    texts = CAPTIONS + [s for s in ODD_STRINGS if "\ud800" not in s]  # Rust strings can't hold surrogates
+    for s in texts:
+        assert hf.encode(s).ids == tok.encode(s), repr(s)
+        assert hf.decode(tok.encode(s)) == s
+    # and the other way, with a tokenizer trained by `tokenizers` right now (ids ordered its own way)
+    theirs = tokenizers.Tokenizer(tokenizers.models.BPE())
+    theirs.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    theirs.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(vocab_size=400, special_tokens=list(SPECIALS), show_progress=False,
+                                             initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
+    theirs.train_from_iterator(CAPTIONS * 3, trainer=trainer)
+    theirs.save(str(tmp_path / "theirs.json"))
+    loaded = Tokenizer.load(str(tmp_path / "theirs.json"))
+    for s in texts:
+        assert loaded.encode(s) == theirs.encode(s).ids, repr(s)
+
+
+# A ByteLevel BPE tokenizer.json written by Hugging Face `tokenizers` 0.23.3 (ids in its own order:
+# "!"=3, "a"=67, "Ġ"=223), embedded so this test runs where `tokenizers` is not installed (CI).
+# Produced with:
+#   from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+#   hf = Tokenizer(models.BPE())
+#   hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+#   hf.decoder = decoders.ByteLevel()
+#   trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<bos>", "<eos>"],
+#                                 initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+#   hf.train_from_iterator(CAPTIONS[:5], trainer=trainer)
+#   text = hf.to_str()                                       # -> HF_TOKENIZER_JSON
+#   {s: hf.encode(s).ids for s in HF_IDS}                    # -> HF_IDS
+# Line breaks were added after some commas between JSON values (json.loads gives the same object).
+HF_TOKENIZER_JSON = r"""
+{"version":"1.0","truncation":null,"padding":null,"added_tokens":[{"id":0,"content":"<pad>","single_word":false,
+"lstrip":false,"rstrip":false,"normalized":false,"special":true},{"id":1,"content":"<bos>","single_word":false,
+"lstrip":false,"rstrip":false,"normalized":false,"special":true},{"id":2,"content":"<eos>","single_word":false,
+"lstrip":false,"rstrip":false,"normalized":false,"special":true}],"normalizer":null,"pre_tokenizer":{"type":"ByteLevel","add_prefix_space":false,
+"trim_offsets":true,"use_regex":true},"post_processor":null,"decoder":{"type":"ByteLevel","add_prefix_space":true,
+"trim_offsets":true,"use_regex":true},"model":{"type":"BPE","dropout":null,"unk_token":null,
+"continuing_subword_prefix":null,"end_of_word_suffix":null,"fuse_unk":false,"byte_fallback":false,
+"ignore_merges":false,"vocab":{"<pad>":0,"<bos>":1,"<eos>":2,"!":3,"\"":4,"#":5,"$":6,"%":7,
+"&":8,"'":9,"(":10,")":11,"*":12,"+":13,",":14,"-":15,".":16,"/":17,"0":18,"1":19,"2":20,
+"3":21,"4":22,"5":23,"6":24,"7":25,"8":26,"9":27,":":28,";":29,"<":30,"=":31,">":32,"?":33,
+"@":34,"A":35,"B":36,"C":37,"D":38,"E":39,"F":40,"G":41,"H":42,"I":43,"J":44,"K":45,"L":46,
+"M":47,"N":48,"O":49,"P":50,"Q":51,"R":52,"S":53,"T":54,"U":55,"V":56,"W":57,"X":58,"Y":59,
+"Z":60,"[":61,"\\":62,"]":63,"^":64,"_":65,"`":66,"a":67,"b":68,"c":69,"d":70,"e":71,"f":72,
+"g":73,"h":74,"i":75,"j":76,"k":77,"l":78,"m":79,"n":80,"o":81,"p":82,"q":83,"r":84,"s":85,
+"t":86,"u":87,"v":88,"w":89,"x":90,"y":91,"z":92,"{":93,"|":94,"}":95,"~":96,"¡":97,"¢":98,
+"£":99,"¤":100,"¥":101,"¦":102,"§":103,"¨":104,"©":105,"ª":106,"«":107,"¬":108,"®":109,"¯":110,
+"°":111,"±":112,"²":113,"³":114,"´":115,"µ":116,"¶":117,"·":118,"¸":119,"¹":120,"º":121,
+"»":122,"¼":123,"½":124,"¾":125,"¿":126,"À":127,"Á":128,"Â":129,"Ã":130,"Ä":131,"Å":132,
+"Æ":133,"Ç":134,"È":135,"É":136,"Ê":137,"Ë":138,"Ì":139,"Í":140,"Î":141,"Ï":142,"Ð":143,
+"Ñ":144,"Ò":145,"Ó":146,"Ô":147,"Õ":148,"Ö":149,"×":150,"Ø":151,"Ù":152,"Ú":153,"Û":154,
+"Ü":155,"Ý":156,"Þ":157,"ß":158,"à":159,"á":160,"â":161,"ã":162,"ä":163,"å":164,"æ":165,
+"ç":166,"è":167,"é":168,"ê":169,"ë":170,"ì":171,"í":172,"î":173,"ï":174,"ð":175,"ñ":176,
+"ò":177,"ó":178,"ô":179,"õ":180,"ö":181,"÷":182,"ø":183,"ù":184,"ú":185,"û":186,"ü":187,
+"ý":188,"þ":189,"ÿ":190,"Ā":191,"ā":192,"Ă":193,"ă":194,"Ą":195,"ą":196,"Ć":197,"ć":198,
+"Ĉ":199,"ĉ":200,"Ċ":201,"ċ":202,"Č":203,"č":204,"Ď":205,"ď":206,"Đ":207,"đ":208,"Ē":209,
+"ē":210,"Ĕ":211,"ĕ":212,"Ė":213,"ė":214,"Ę":215,"ę":216,"Ě":217,"ě":218,"Ĝ":219,"ĝ":220,
+"Ğ":221,"ğ":222,"Ġ":223,"ġ":224,"Ģ":225,"ģ":226,"Ĥ":227,"ĥ":228,"Ħ":229,"ħ":230,"Ĩ":231,
+"ĩ":232,"Ī":233,"ī":234,"Ĭ":235,"ĭ":236,"Į":237,"į":238,"İ":239,"ı":240,"Ĳ":241,"ĳ":242,
+"Ĵ":243,"ĵ":244,"Ķ":245,"ķ":246,"ĸ":247,"Ĺ":248,"ĺ":249,"Ļ":250,"ļ":251,"Ľ":252,"ľ":253,
+"Ŀ":254,"ŀ":255,"Ł":256,"ł":257,"Ń":258,"in":259,"th":260,"Ġth":261,"Ġr":262,"Ġthe":263,
+"do":264,"is":265,"Ġg":266,"Ġin":267,"Ġdo":268,"Ġis":269,"ing":270,"Ġdog":271,"as":272,"ck":273,
+"ir":274,"la":275,"ras":276,"un":277,"Ġa":278,"Ġs":279,"Ġrun":280,"Ġgras":281,"Ġgrass":282,
+"an":283,"at":284,"bing":285,"bla":286,"cl":287,"ed":288,"er":289,"gh":290,"hir":291,"im":292,
+"ju":293,"mp":294,"man":295,"no":296,"ning":297,"on":298,"ou":299},"merges":[["i","n"],["t","h"],
+["Ġ","th"],["Ġ","r"],["Ġth","e"],["d","o"],["i","s"],["Ġ","g"],["Ġ","in"],["Ġ","do"],["Ġ","is"],
+["in","g"],["Ġdo","g"],["a","s"],["c","k"],["i","r"],["l","a"],["r","as"],["u","n"],["Ġ","a"],
+["Ġ","s"],["Ġr","un"],["Ġg","ras"],["Ġgras","s"],["a","n"],["a","t"],["b","ing"],["b","la"],
+["c","l"],["e","d"],["e","r"],["g","h"],["h","ir"],["i","m"],["j","u"],["m","p"],["m","an"],
+["n","o"],["n","ing"],["o","n"],["o","u"]]}}
+"""
+
+HF_IDS = {
+    'a dog runs': [67, 271, 280, 85],
+    'the dogs are running in the snow.': [260, 71, 271, 85, 278, 84, 71, 280, 297, 267, 263, 279, 296, 89, 16],
+    'Ünïcode 😀 and\ttabs  ': [130, 253, 80, 130, 110, 69, 81, 70, 71, 223, 175, 256, 249, 225, 278, 80, 70, 200, 86, 67, 68, 85, 223, 223],
+    'two girls climbing a red rock': [86, 89, 81, 266, 274, 78, 85, 223, 287, 292, 285, 278, 262, 288, 262, 81, 273],
+}
+
+
+def test_we_load_a_file_written_by_huggingface_tokenizers(tmp_path):
+    path = tmp_path / "tokenizer.json"
+    path.write_text(HF_TOKENIZER_JSON, encoding="utf-8")
+    tok = Tokenizer.load(str(path))
+    assert tok.vocab_size == 300 and (tok.pad_id, tok.bos_id, tok.eos_id) == (0, 1, 2)
+    for s, ids in HF_IDS.items():
+        assert tok.encode(s) == ids, repr(s)
+        assert tok.decode(ids) == s
+    for s in ODD_STRINGS:
+        assert tok.decode(tok.encode(s)) == s
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, str(BPE_PY), *args], capture_output=True, text=True, timeout=60)
+
+
+def test_cli_trains_and_encodes(tmp_path):
+    corpus, out = tmp_path / "captions.txt", tmp_path / "tok.json"
+    corpus.write_text("\n".join(CAPTIONS * 3) + "\n", encoding="utf-8")
+    r = run_cli("--train", str(corpus), "--vocab-size", "300", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "merges" in r.stdout and "tokens per line" in r.stdout
+    r = run_cli("--tokenizer", str(out), "--encode", "a dog runs")
+    assert r.returncode == 0, r.stderr
+    assert str(Tokenizer.load(str(out)).encode("a dog runs")) in r.stdout and "' dog'" in r.stdout
+
+
+def test_cli_missing_file_exits_2_with_one_line(tmp_path):
+    for args in (["--train", str(tmp_path / "missing.txt")],
+                 ["--tokenizer", str(tmp_path / "missing.json"), "--encode", "a dog"]):
+        r = run_cli(*args)
+        assert r.returncode == 2 and r.stdout == ""
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and "missing." in lines[0], r.stderr
+
+
+# ==================================================================================================
+# model.py: the architecture and generation
+# ==================================================================================================
+
+# The published checkpoint's names (load_state_dict(strict=True) needs exactly these).
+PUBLISHED = (
+    [f"vis_enc.conv{i}.0.{p}" for i in (1, 2, 3) for p in ("weight", "bias")]
+    + [f"vis_enc.conv{i}.1.{p}" for i in (1, 2, 3)
+       for p in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")]
+    + ["vis_enc.proj.weight", "vis_enc.proj.bias", "tok_emb.weight", "pos_emb.weight",
+       "ln_f.weight", "ln_f.bias", "lm_head.weight"]
+    + [f"blocks.{i}.{p}" for i in range(3) for p in (
+        "ln1.weight", "ln1.bias", "attn.qkv.weight", "attn.proj.weight", "ln2.weight", "ln2.bias",
+        "mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight", "mlp.fc2.bias")]
+)
+IMG = 32  # the card uses 112; any size works (adaptive pooling) and 32 keeps the tests fast
+
+
+def make_model(seed=0, **overrides):
+    torch.manual_seed(seed)
+    return VLM(Config(**overrides))
+
+
+def images(n, seed=1):
+    return torch.randn(n, 3, IMG, IMG, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """The card's model overfit on 8 random images with random 3..10-token captions (+ EOS)."""
+    torch.manual_seed(0)
+    cfg = Config()
+    model = VLM(cfg)
+    x = images(8)
+    caps = [torch.randint(3, cfg.vocab_size, (int(n),)).tolist() for n in torch.randint(3, 11, (8,))]
+    T = 1 + max(len(c) for c in caps)  # BOS + caption; targets: caption + EOS
+    ids = torch.full((8, T), cfg.pad_id)
+    targets = torch.full((8, T), cfg.pad_id)
+    for i, c in enumerate(caps):
+        ids[i, :len(c) + 1] = torch.tensor([cfg.bos_id] + c)
+        targets[i, :len(c) + 1] = torch.tensor(c + [cfg.eos_id])
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for step in range(300):
+        _, loss = model(x, ids, targets)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if loss.item() < 0.02:
+            break
+    model.eval()
+    return model, x, caps, loss.item()
+
+
+def test_state_dict_has_the_published_names():
+    sd = make_model().state_dict()
+    assert set(sd) == set(PUBLISHED)
+    assert sd["pos_emb.weight"].shape == (16 + 48, 128)  # visual + text positions
+    assert sd["vis_enc.conv1.0.weight"].shape == (16, 3, 3, 3)
+    assert sd["vis_enc.conv3.1.weight"].shape == (64,)
+    VLM(Config()).load_state_dict(sd, strict=True)
+
+
+def test_parameter_count_counts_the_tied_head_once():
+    model = make_model()
+    assert model.lm_head.weight is model.tok_emb.weight
+    assert model.num_params() == 698_624
+    every = sum(v.numel() for k, v in model.state_dict().items() if "running" not in k and "batches" not in k)
+    assert model.num_params() == every - 2048 * 128
+
+
+def test_gpt2_init_keeps_first_logits_small():
+    model = make_model()
+    logits, loss = model(images(2), torch.randint(0, 2048, (2, 10)), torch.randint(0, 2048, (2, 10)))
+    assert logits.std() < 1.0  # the default N(0,1) tied embedding would give std ~11
+    assert abs(loss.item() - torch.log(torch.tensor(2048.0)).item()) < 0.5
+
+
+def test_config_checks_n_vis_and_single_token_ablation():
+    with pytest.raises(ValueError, match="n_vis"):
+        Config(n_vis=8)
+    model = make_model(n_vis=1)
+    assert model.pos_emb.weight.shape == (1 + 48, 128)
+    logits, _ = model(images(2), torch.randint(0, 2048, (2, 5)))
+    assert logits.shape == (2, 5, 2048)
+    assert len(model.eval().generate_beam(images(2), max_new=4)) == 2
+
+
+def test_forward_shapes_and_pad_ignored():
+    model = make_model()
+    ids = torch.randint(3, 2048, (3, 7))
+    targets = ids.clone()
+    logits, loss = model(images(3), ids, targets)
+    assert logits.shape == (3, 7, 2048)
+    targets[:, 4:] = 0  # pad: the loss must only see the first 4 positions
+    _, loss_pad = model(images(3), ids, targets)
+    want = torch.nn.functional.cross_entropy(logits[:, :4].flatten(0, 1), ids[:, :4].flatten())
+    assert torch.allclose(loss_pad, want, atol=1e-6)
+    with pytest.raises(ValueError, match="max_seq"):
+        model(images(1), torch.ones(1, 49, dtype=torch.long))
+
+
+def test_causality():
+    model = make_model().eval()
+    x = images(2)
+    ids = torch.randint(3, 2048, (2, 12))
+    logits, _ = model(x, ids)
+    ids2 = ids.clone()
+    ids2[:, 8:] = torch.randint(3, 2048, (2, 4))
+    logits2, _ = model(x, ids2)
+    assert torch.allclose(logits[:, :8], logits2[:, :8], atol=1e-6)
+    assert not torch.allclose(logits[:, 8:], logits2[:, 8:], atol=1e-3)
+
+
+@pytest.mark.parametrize("need_attn", [False, True])
+def test_cached_decoding_matches_full_forward(need_attn):
+    model = make_model(seed=3).eval()
+    with torch.no_grad():  # make the weights less uniform than the init so logits differ visibly
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    x = images(3)
+    ids = torch.cat([torch.ones(3, 1, dtype=torch.long), torch.randint(3, 2048, (3, 47))], dim=1)
+    with torch.no_grad():
+        full = model(x, ids)[0].log_softmax(-1)  # (3, 48, V)
+        cache, logp, _ = model._start(x, 48, need_attn)
+        steps = [logp]
+        for t in range(1, 48):
+            steps.append(model._step(ids[:, t], cache, need_attn)[0])
+    assert torch.allclose(torch.stack(steps, 1), full, atol=1e-5)
+
+
+def test_overfits_a_tiny_batch(trained):
+    model, x, caps, loss = trained
+    assert loss < 0.1
+    assert model.generate_greedy(x, max_new=16) == caps
+
+
+def test_beam_width_one_equals_greedy(trained):
+    model, x, _, _ = trained
+    assert model.generate_beam(x, beam_width=1, max_new=16) == model.generate_greedy(x, max_new=16)
+    random_model = make_model().eval()  # never emits EOS: every sequence runs to max_new
+    y = images(3)
+    assert random_model.generate_beam(y, beam_width=1, max_new=10) == random_model.generate_greedy(y, max_new=10)
+
+
+def test_batched_equals_one_image_at_a_time(trained):
+    model, x, _, _ = trained
+    x = torch.cat([x, images(3, seed=7)])  # some seen, some unseen images
+    for gen in (model.generate_greedy, model.generate_beam):
+        batched = gen(x, max_new=12)
+        single = [gen(x[i:i + 1], max_new=12)[0] for i in range(len(x))]
+        assert batched == single
+
+
+def test_beam_search_beats_or_matches_greedy_logprob(trained):
+    model, _, _, _ = trained
+    x = images(4, seed=11)
+    def score(seq, img):  # summed log-prob of seq + EOS
+        ids = torch.tensor([[1] + seq])
+        logp = model(img[None], ids)[0][0].log_softmax(-1)
+        return sum(logp[t, tok].item() for t, tok in enumerate(seq + [2]))
+    with torch.no_grad():
+        for img, g, b in zip(x, model.generate_greedy(x, max_new=20), model.generate_beam(x, 4, max_new=20)):
+            if len(g) < 20 and len(b) < 20:  # both finished with EOS
+                assert score(b, img) >= score(g, img) - 1e-4
+
+
+def reference_beam(model, img, W, max_new, length_penalty):
+    """Plain beam search, no cache, no early stop: the full forward pass for every beam at every step."""
+    beams, finished = [(0.0, [])], []
+    for t in range(max_new):
+        cands = []
+        for s, seq in beams:
+            logp = model(img[None], torch.tensor([[1] + seq]))[0][0, -1].log_softmax(-1)
+            top, idx = logp.topk(2 * W)
+            cands += [(s + a, seq + [k]) for a, k in zip(top.tolist(), idx.tolist())]
+        cands = sorted(cands, key=lambda c: -c[0])[:2 * W]
+        beams = [c for c in cands if c[1][-1] != 2][:W]
+        finished += [(s / (t + 1) ** length_penalty, seq[:-1]) for s, seq in cands[:W] if seq[-1] == 2]
+    finished += [(s / max_new ** length_penalty, seq) for s, seq in beams]
+    return max(finished, key=lambda h: h[0])[1]
+
+
+@pytest.mark.parametrize("length_penalty", [0.0, 1.0])
+def test_beam_matches_a_plain_reference_beam_search(trained, length_penalty):
+    model, x, _, _ = trained
+    y = torch.cat([x[:2], images(4, seed=13)])
+    with torch.no_grad():
+        want = [reference_beam(model, img, 3, 12, length_penalty) for img in y]
+    assert model.generate_beam(y, beam_width=3, max_new=12, length_penalty=length_penalty) == want
+
+
+def test_topk_with_a_fixed_generator_repeats_itself(trained):
+    model, x, _, _ = trained
+    a = model.generate_topk(x, temperature=1.5, generator=torch.Generator().manual_seed(5))
+    b = model.generate_topk(x, temperature=1.5, generator=torch.Generator().manual_seed(5))
+    c = model.generate_topk(x, temperature=1.5, generator=torch.Generator().manual_seed(6))
+    assert a == b
+    assert a != c  # at temperature 1.5 two seeds practically never agree on all 8 captions
+    assert model.generate_topk(x, top_k=1) == model.generate_greedy(x)
+
+
+def no_eos_model():
+    """A model that can never emit EOS: ln_f outputs the constant vector b and EOS's row is -10 b."""
+    model = make_model(seed=2).eval()
+    with torch.no_grad():
+        b = torch.randn(128)
+        model.ln_f.weight.zero_()
+        model.ln_f.bias.copy_(b)
+        model.tok_emb.weight[2] = -10 * b
+    return model
+
+
+def test_beam_that_never_emits_eos_still_returns_its_best_sequence():
+    model = no_eos_model()
+    x = images(2)
+    for seqs in (model.generate_beam(x, beam_width=3, max_new=9), model.generate_greedy(x, max_new=9)):
+        assert [len(s) for s in seqs] == [9, 9]
+    assert all(len(s) == 48 for s in model.generate_beam(x, max_new=48))  # max_new = max_seq works
+    with pytest.raises(ValueError, match="max_new"):
+        model.generate_greedy(x, max_new=49)
+
+
+def test_attention_maps_shape_and_mass(trained):
+    model, x, _, _ = trained
+    x = x[:3]
+    runs = [(model.generate_greedy(x, max_new=16), model.generate_greedy(x, max_new=16, return_attn=True)),
+            (model.generate_beam(x, max_new=16), model.generate_beam(x, max_new=16, return_attn=True)),
+            (model.generate_topk(x, max_new=16, generator=torch.Generator().manual_seed(0)),
+             model.generate_topk(x, max_new=16, generator=torch.Generator().manual_seed(0), return_attn=True))]
+    for plain, (seqs, attns) in runs:
+        assert seqs == plain  # the explicit-softmax path picks the same tokens as SDPA
+        for s, a in zip(seqs, attns):
+            assert a.shape == (len(s), 3, 16)
+            assert (a >= 0).all() and (a.sum(-1) <= 1 + 1e-5).all()
+            assert (a.sum(-1) > 0).all()
+
+
+def test_attention_maps_when_nothing_is_generated(trained):
+    model, _, _, _ = trained
+    eos_first = no_eos_model()
+    with torch.no_grad():  # now the opposite: EOS always wins at once
+        eos_first.tok_emb.weight[2] = 10 * eos_first.ln_f.bias
+    seqs, attns = eos_first.generate_beam(images(2), max_new=5, return_attn=True)
+    assert seqs == [[], []]
+    assert [a.shape for a in attns] == [(0, 3, 16), (0, 3, 16)]
+
+
+# ==================================================================================================
+# data.py: Flickr8k download and preparation, shapes
+# ==================================================================================================
+
+# ----------------------------------------------------------------------------- a real server
+
+def serve(files, mode="range"):
+    """Serves {name: bytes}. mode: 'range' (honours Range), 'ignore_range' (always 200, whole file),
+    'drop' (the first answer for each file stops halfway and closes the connection)."""
+    requests_seen, dropped = [], set()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            name, rng = self.path.lstrip("/"), self.headers.get("Range")
+            requests_seen.append((name, rng))
+            if name not in files:
+                self.send_error(404)
+                return
+            body, start = files[name], 0
+            if rng and mode != "ignore_range":
+                start = int(re.match(r"bytes=(\d+)-", rng)[1])
+                self.send_response(206)
+                self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+            else:
+                self.send_response(200)
+            self.send_header("Content-Length", str(len(body) - start))
+            self.end_headers()
+            if mode == "drop" and name not in dropped:
+                dropped.add(name)
+                self.wfile.write(body[start:start + (len(body) - start) // 2])
+                self.close_connection = True  # the client sees a short body
+                return
+            self.wfile.write(body[start:])
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_port}/", requests_seen
+
+
+@pytest.fixture
+def server_factory():
+    servers = []
+
+    def start(files, mode="range"):
+        srv = serve(files, mode)
+        servers.append(srv[0])
+        return srv
+    yield start
+    for s in servers:
+        s.shutdown()
+        s.server_close()
+
+
+# ----------------------------------------------------------------------------- tiny Flickr8k archives
+
+def jpeg_bytes(colour, size=(40, 30)):
+    buf = io.BytesIO()
+    Image.new("RGB", size, colour).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+TRAIN, VAL, TEST = ["t1.jpg", "t2.jpg", "t3.jpg", "gone.jpg", "bad.jpg"], ["v1.jpg"], ["s1.jpg"]
+TOKENS = ("t1.jpg#0\tA dog runs .\nt1.jpg#1\tThe  DOG is running\n"
+          "t2.jpg#0 A cat sits .\n"  # a space instead of the TAB
+          "t3.jpg#0\tA bird .\ngone.jpg#0\tNot in the zip .\nbad.jpg#0\tGarbage bytes .\n"
+          "v1.jpg#0\tA red ball .\ns1.jpg#0\tA blue car .\ns1.jpg#1\tA car .\n"
+          "quirk.jpg.1#0\tThe known odd id .\n"
+          "this line has no hash and no caption\n")
+
+
+def make_zips():
+    images = {n: jpeg_bytes((40 * i, 100, 200)) for i, n in enumerate(["t1.jpg", "t2.jpg", "t3.jpg",
+                                                                          "v1.jpg", "s1.jpg"])}
+    images["bad.jpg"] = b"this is not a jpeg"
+    dataset = io.BytesIO()
+    with zipfile.ZipFile(dataset, "w") as zf:
+        for name, body in images.items():
+            zf.writestr(f"Flicker8k_Dataset/{name}", body)  # the real archive's spelling
+            zf.writestr(f"__MACOSX/Flicker8k_Dataset/._{name}", b"\x00\x05\x16\x07junk")
+    text = io.BytesIO()
+    with zipfile.ZipFile(text, "w") as zf:
+        zf.writestr("Flickr8k.token.txt", TOKENS)
+        for list_name, names in zip(data.SPLIT_LISTS.values(), (TRAIN, VAL, TEST)):
+            zf.writestr(list_name, "\n".join(names) + "\n")
+        zf.writestr("__MACOSX/._Flickr8k.token.txt", b"junk")
+    return {"Flickr8k_Dataset.zip": dataset.getvalue(), "Flickr8k_text.zip": text.getvalue()}
+
+
+def test_flickr8k_download_prepare_and_second_run(tmp_path, server_factory):
+    _, url, seen = server_factory(make_zips())
+    d, lines = str(tmp_path / "f8"), []
+    assert data.prepare("flickr8k", d, size=32, base_url=url, log=lines.append) == d
+    train = data.load_split(d, "train", 32)
+    assert train.names == ["t1.jpg", "t2.jpg", "t3.jpg"] and train.images.shape == (3, 32, 32, 3)
+    assert train.captions[0] == ["a dog runs", "the dog is running"] and train.captions[1] == ["a cat sits"]
+    assert data.load_split(d, "test", 32).captions == [["a blue car", "a car"]]
+    log = "\n".join(lines)
+    assert "1 malformed" in log and "1 missing, 1 unreadable" in log
+    assert os.path.isfile(os.path.join(d, "Flicker8k_Dataset", "t1.jpg"))  # originals stay
+    assert not os.path.exists(os.path.join(d, "__MACOSX")) and not os.path.exists(os.path.join(d, ".extract.tmp"))
+    assert sorted(n for n, _ in seen) == ["Flickr8k_Dataset.zip", "Flickr8k_text.zip"]
+    data.prepare("flickr8k", d, size=32, base_url=url, log=lines.append)
+    assert len(seen) == 2  # the second run downloads nothing
+
+
+def test_prepare_from_folder_without_zips_into_prep_dir(tmp_path):
+    src = tmp_path / "src"
+    (src / "images128").mkdir(parents=True)
+    (src / "Flickr8k.token.txt").write_text(TOKENS)
+    for list_name, names in zip(data.SPLIT_LISTS.values(), (TRAIN, VAL, TEST)):
+        (src / list_name).write_text("\n".join(names) + "\n")
+    for n in ["t1.jpg", "v1.jpg", "s1.jpg"]:
+        (src / "images128" / n).write_bytes(jpeg_bytes((9, 9, 9), (128, 128)))
+    os.chmod(src, 0o555)
+    try:
+        with pytest.raises(DataError, match="not writable"):
+            data.prepare("flickr8k", str(src), size=16, base_url="http://127.0.0.1:9/", log=lambda s: None)
+        out = data.prepare("flickr8k", str(src), size=16, log=lambda s: None, prep_dir=str(tmp_path / "prep"))
+    finally:
+        os.chmod(src, 0o755)
+    assert data.load_split(out, "train", 16).names == ["t1.jpg"]  # the others are missing, not fatal
+
+
+def test_download_resumes_after_a_dropped_connection(tmp_path, server_factory):
+    body = os.urandom(300_000)
+    _, url, seen = server_factory({"big.zip": body}, mode="drop")
+    dest = str(tmp_path / "big.zip")
+    data.download(url + "big.zip", dest, backoff=0.01)
+    assert open(dest, "rb").read() == body and not os.path.exists(dest + ".part")
+    assert seen[0] == ("big.zip", None) and len(seen) == 2
+    resumed_at = int(re.match(r"bytes=(\d+)-$", seen[1][1])[1])  # what was on disk when the link broke
+    assert 0 < resumed_at <= len(body) // 2
+
+
+def test_download_restarts_when_the_server_ignores_range(tmp_path, server_factory):
+    body = os.urandom(100_000)
+    _, url, seen = server_factory({"big.zip": body}, mode="ignore_range")
+    dest = str(tmp_path / "big.zip")
+    with open(dest + ".part", "wb") as f:
+        f.write(b"stale bytes from another try")  # appending the 200 body to this would corrupt it
+    data.download(url + "big.zip", dest, backoff=0.01)
+    assert seen == [("big.zip", "bytes=28-")]
+    assert open(dest, "rb").read() == body
+
+
+def test_http_404_names_the_url_and_cli_exits_2(tmp_path, server_factory):
+    _, url, _ = server_factory({})
+    with pytest.raises(DataError, match=re.escape(url + "x.zip") + ".*404.*--base-url"):
+        data.download(url + "x.zip", str(tmp_path / "x.zip"))
+    r = subprocess.run([sys.executable, os.path.join(HERE, "data.py"), "--data", "flickr8k",
+                        "--data-dir", str(tmp_path / "d"), "--base-url", url],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().count("\n") == 0 and r.stderr.startswith("error: " + url + "Flickr8k_text.zip")
+    assert "--data shapes" in r.stderr
+
+
+def test_corrupt_archive_is_named_and_removed(tmp_path, server_factory):
+    zips = make_zips()
+    raw = bytearray(zips["Flickr8k_text.zip"])
+    i = raw.index(b"A dog runs")  # stored entry: flip a data byte so only the CRC can tell
+    raw[i] ^= 0xFF
+    zips["Flickr8k_text.zip"] = bytes(raw)
+    _, url, _ = server_factory(zips)
+    d = tmp_path / "f8"
+    with pytest.raises(DataError, match="Flickr8k_text.zip: corrupt archive"):
+        data.prepare("flickr8k", str(d), size=16, base_url=url, log=lambda s: None)
+    assert not (d / "Flickr8k_text.zip").exists() and not (d / "Flickr8k.token.txt").exists()
+    (d / "not_a.zip").write_bytes(b"PK but not really a zip")
+    with pytest.raises(DataError, match="not_a.zip: corrupt archive"):
+        data.extract_zip(str(d / "not_a.zip"), str(d))
+    assert not (d / "not_a.zip").exists()
+
+
+@pytest.mark.parametrize("evil", ["../evil.txt", "ok/../../evil.txt", "/abs_evil.txt"])
+def test_unsafe_archive_is_refused_whole(tmp_path, evil):
+    d = tmp_path / "d"
+    d.mkdir()
+    with zipfile.ZipFile(d / "a.zip", "w") as zf:
+        zf.writestr("fine.txt", "fine")
+        zf.writestr(zipfile.ZipInfo(evil), "evil")
+    assert evil in zipfile.ZipFile(d / "a.zip").namelist()
+    with pytest.raises(DataError, match="unsafe entry"):
+        data.extract_zip(str(d / "a.zip"), str(d))
+    assert sorted(os.listdir(d)) == ["a.zip"] and sorted(os.listdir(tmp_path)) == ["d"]
+
+
+def test_clean_caption_and_exact_match():
+    assert data.clean_caption("  A Dog\truns  in the PARK . ") == "a dog runs in the park"
+    assert data.clean_caption("Two dogs.") == "two dogs" and data.clean_caption(" . ") == ""
+    assert data.exact_match("A small red circle .", ["a large red circle", "a small red circle"])
+    assert not data.exact_match("a small red circle above", ["a small red circle"])
+
+
+def test_parse_tokens_counts_malformed_lines(tmp_path):
+    p = tmp_path / "tok.txt"
+    p.write_text(TOKENS + "\n\nnohash.jpg\tA caption\nx.jpg#0\t .\n")
+    caps, malformed = data.parse_tokens(str(p))
+    assert malformed == 3  # blank lines are not malformed; a caption that cleans to '' is
+    assert caps["t2.jpg"] == ["a cat sits"] and caps["quirk.jpg.1"] == ["the known odd id"]
+    assert sum(map(len, caps.values())) == 10
+
+
+# ----------------------------------------------------------------------------- shapes
+
+def test_shapes_deterministic_disjoint_five_captions(tmp_path):
+    a, b, c, d = tmp_path / "a", tmp_path / "b", tmp_path / "c", tmp_path / "d"
+    data.make_shapes(str(a), sizes=(40, 20, 20), seed=3, log=lambda s: None)
+    data.make_shapes(str(b), sizes=(40, 20, 20), seed=3, log=lambda s: None)
+    data.make_shapes(str(c), sizes=(40, 0, 0), seed=3, size=64, log=lambda s: None)
+    data.make_shapes(str(d), sizes=(40, 0, 0), seed=4, log=lambda s: None)
+    splits = {s: data.load_split(str(a), s) for s in data.SPLITS}
+    again = data.load_split(str(b), "train")
+    assert np.array_equal(splits["train"].images, again.images) and splits["train"].captions == again.captions
+    assert data.load_split(str(c), "train", 64).captions == again.captions  # same scenes at any size
+    assert data.load_split(str(d), "train").captions != again.captions
+    flat = {s: {im.tobytes() for im in splits[s].images} for s in data.SPLITS}
+    assert not (flat["train"] & flat["val"]) and not (flat["train"] & flat["test"]) and not (flat["val"] & flat["test"])
+    for caps in splits["train"].captions:
+        assert len(caps) == 5 == len(set(caps)) and all(c == data.clean_caption(c) for c in caps)
+    assert data.exact_match(splits["val"].captions[0][2], splits["val"].captions[0])
+    data.contact_sheet(splits["val"], str(tmp_path / "sheet.png"))
+    assert Image.open(tmp_path / "sheet.png").size == (960, 3 * 408)
+
+
+def test_shapes_captions_are_true_of_their_scenes():
+    rng, pix = np.random.default_rng(0), np.random.default_rng(1)
+    pairs = 0
+    for _ in range(300):
+        objs = data.random_scene(rng)
+        caps = data.scene_captions(objs)
+        for o in objs:
+            assert all(o.phrase() in c for c in caps)
+            assert o.r + 3 <= o.x <= 109 - o.r and o.r + 3 <= o.y <= 109 - o.r
+        img = data.draw_scene(objs, pix).astype(int)
+        for o in objs:  # the pixel at the centre has the named colour, nearer to it than to any other
+            cy = int(o.y + (o.r / 3 if o.shape == "triangle" else 0))
+            dist = {name: np.abs(img[cy, int(o.x)] - rgb).sum() for name, rgb in data.COLOURS.items()}
+            assert min(dist, key=dist.get) == o.colour
+        if len(objs) == 2:
+            pairs += 1
+            a, b = objs
+            assert (a.colour, a.shape) != (b.colour, b.shape)
+            dx, dy = b.x - a.x, b.y - a.y
+            main_axis, cross = max(abs(dx), abs(dy)), min(abs(dx), abs(dy))
+            assert main_axis - a.r - b.r >= data.GAP - 1e-9 and cross <= main_axis / 2 + 1e-9
+            first = caps[0][2:caps[0].index(" to the left of" if "left" in caps[0] else
+                                            (" above" if "above" in caps[0] else " below"))]
+            second = caps[0].rsplit(" a ", 1)[1]
+            o1 = next(o for o in objs if o.phrase() == first)
+            o2 = next(o for o in objs if o.phrase() == second)
+            if "to the left of" in caps[0]:
+                assert o2.x - o1.x > 2 * abs(o2.y - o1.y)
+            else:
+                assert "above" in caps[0] and o2.y - o1.y > 2 * abs(o2.x - o1.x)
+            assert caps[1] == f"a {second} {'to the right of' if 'left' in caps[0] else 'below'} a {first}"
+    assert 100 < pairs < 200
+
+
+# ----------------------------------------------------------------------------- images
+
+def save(img, path, **kw):
+    img.save(path, **kw)
+    return str(path)
+
+
+def test_load_image_reads_many_kinds(tmp_path):
+    red = Image.new("RGB", (50, 40), (255, 0, 0))
+    paths = {
+        "gray": save(Image.new("L", (30, 20), 77), tmp_path / "g.png"),
+        "rgba": save(Image.new("RGBA", (20, 20), (0, 0, 255, 0)), tmp_path / "a.png"),
+        "palette": save(red.convert("P"), tmp_path / "p.gif"),
+        "cmyk": save(red.convert("CMYK"), tmp_path / "c.jpg"),
+        "16bit": save(Image.fromarray(np.full((10, 10), 128 * 257, np.uint16)), tmp_path / "i16.png"),
+        "1x1": save(Image.new("RGB", (1, 1), (1, 2, 3)), tmp_path / "one.png"),
+        "bmp": save(red, tmp_path / "r.bmp"),
+        "tiff": save(red, tmp_path / "r.tiff"),
+        "big": save(Image.new("RGB", (4000, 3000), (0, 200, 0)), tmp_path / "big.jpg"),
+    }
+    out = {k: data.load_image(p, 32) for k, p in paths.items()}
+    for k, v in out.items():
+        assert v.shape == (32, 32, 3) and v.dtype == np.uint8, k
+    assert (out["gray"] == 77).all() and (out["rgba"] == 255).all()  # transparent -> white
+    assert (out["16bit"] == 128).all() and (out["1x1"] == (1, 2, 3)).all()
+    for k in ("palette", "bmp", "tiff", "cmyk"):
+        assert abs(int(out[k][..., 0].mean()) - 255) < 8 and out[k][..., 1].mean() < 8, k
+    assert abs(int(out["big"][..., 1].mean()) - 200) < 4
+    frames = [Image.new("RGB", (16, 16), c) for c in ((255, 0, 0), (0, 0, 255))]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
+    assert (data.load_image(tmp_path / "anim.gif", 8)[..., 0] > 200).all()  # the first frame
+    half = np.zeros((40, 80, 3), np.uint8)  # left half red, right half blue
+    half[:, :40, 0], half[:, 40:, 2] = 255, 255
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display": left becomes top
+    Image.fromarray(half).save(tmp_path / "rot.jpg", exif=exif, quality=95)
+    rot = data.load_image(tmp_path / "rot.jpg", 16)
+    assert rot[:6, :, 0].min() > 200 and rot[10:, :, 2].min() > 200
+
+
+def test_load_image_errors_name_the_file(tmp_path, monkeypatch):
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    (tmp_path / "text.jpg").write_text("hello, not an image")
+    good = jpeg_bytes((10, 20, 30), (200, 200))
+    (tmp_path / "trunc.jpg").write_bytes(good[: len(good) // 2])
+    cases = {"missing.jpg": "no such file", "": "is a folder", "empty.jpg": "empty file",
+             "text.jpg": "not a readable image", "trunc.jpg": "not a readable image"}
+    for name, why in cases.items():
+        path = str(tmp_path / name)
+        with pytest.raises(DataError, match=re.escape(path) + ".*" + why):
+            data.load_image(path)
+    save(Image.new("RGB", (100, 100)), tmp_path / "bomb.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 100x100 is then over twice the limit
+    with pytest.raises(DataError, match="bomb.png: refused as a decompression bomb"):
+        data.load_image(tmp_path / "bomb.png")
+
+
+def test_decode_images_in_parallel_keeps_order_and_counts_errors(tmp_path):
+    paths = []
+    for i in range(70):
+        paths.append(save(Image.new("RGB", (20, 20), (i, 0, 0)), tmp_path / f"{i}.png"))
+    (tmp_path / "bad.png").write_bytes(b"nope")
+    paths.insert(5, str(tmp_path / "bad.png"))
+    images, ok, errors = data.decode_images(paths, 8, workers=2)
+    assert images.shape == (70, 8, 8, 3) and ok.count(False) == 1 and not ok[5]
+    assert list(images[:, 0, 0, 0]) == list(range(70)) and "bad.png" in errors[0]
+
+
+def test_normalize_shape_dtype_values():
+    x = torch.zeros(2, 4, 5, 3, dtype=torch.uint8)
+    x[1, :, :, 0] = 255
+    y = data.normalize(x)
+    assert y.shape == (2, 3, 4, 5) and y.dtype == torch.float32
+    assert torch.allclose(y[0, 0], torch.full((4, 5), -0.485 / 0.229))
+    assert torch.allclose(y[1, 0], torch.full((4, 5), (1 - 0.485) / 0.229))
+    assert torch.allclose(y[1, 2], torch.full((4, 5), -0.406 / 0.225))
+    with pytest.raises(DataError):
+        data.normalize(x.float())
+
+
+def test_load_split_errors(tmp_path):
+    with pytest.raises(DataError, match="not prepared"):
+        data.load_split(str(tmp_path), "train")
+    data.save_split(str(tmp_path), "train", ["a", "b"], np.zeros((2, 8, 8, 3), np.uint8), [["x"], ["y"]], 8)
+    assert data.load_split(str(tmp_path), "train", 8).names == ["a", "b"]
+    with open(tmp_path / "train_captions.json", "w") as f:
+        json.dump({"names": ["a"], "captions": [["x"]]}, f)
+    with pytest.raises(DataError, match="1 names"):
+        data.load_split(str(tmp_path), "train", 8)
+    (tmp_path / "train_images_8.npy").write_bytes(b"junk")
+    with pytest.raises(DataError, match="train_images_8.npy: not a readable"):
+        data.load_split(str(tmp_path), "train", 8)
+
+
+# ==================================================================================================
+# sample.py: metrics, safetensors, the command line
+# ==================================================================================================
+
+# ----------------------------------------------------------------------------- BLEU
+
+
+def test_bleu_hand_worked_corpus():
+    refs = [["a dog runs on the grass", "the dog is running"], ["a black cat"]]
+    hyps = ["a dog runs on grass", "a cat"]
+    # image 1: 5 words, refs of 6 and 4 words are equally close -> coco takes the shorter, 4.
+    #   1-grams a dog runs on grass: 5/5; 2-grams a_dog dog_runs runs_on (not on_grass): 3/4
+    #   3-grams a_dog_runs dog_runs_on: 2/3; 4-grams a_dog_runs_on: 1/2
+    # image 2: 2 words, ref 3 words; 1-grams 2/2; 2-gram a_cat: 0/1
+    # corpus: matches [7, 3, 2, 1] of [7, 5, 3, 2]; lengths 7 vs 4 + 3 = 7 -> no brevity penalty
+    b1, b2, b3, b4 = sample.bleu(refs, hyps)
+    assert b1 == pytest.approx(1.0, rel=1e-6)
+    assert b2 == pytest.approx(math.sqrt(3 / 5), rel=1e-6)  # 0.7746
+    assert b3 == pytest.approx((3 / 5 * 2 / 3) ** (1 / 3), rel=1e-6)  # 0.7368
+    assert b4 == pytest.approx((3 / 5 * 2 / 3 * 1 / 2) ** (1 / 4), rel=1e-6)  # 0.6687
+
+
+def test_bleu_brevity_penalty_and_coco_smoothing():
+    # "a dog" against "a dog runs fast": 1- and 2-grams all match, ratio 2/4 -> BP = e^(1 - 4/2) = e^-1.
+    # No 3- or 4-grams at all: coco's (0 + 1e-15) / (0 + 1e-9) = 1e-6 each, so
+    # BLEU-3 = (1 * 1 * 1e-6)^(1/3) e^-1 = 0.01/e and BLEU-4 = (1e-12)^(1/4) e^-1 = 0.001/e.
+    b = sample.bleu([["a dog runs fast"]], ["a dog"])
+    assert b == pytest.approx([1 / math.e, 1 / math.e, 0.01 / math.e, 0.001 / math.e], rel=1e-6)
+
+
+def test_bleu_clips_repeated_words():
+    # "the the the the" vs "the cat": "the" is counted at most once -> 1/4; 4 words vs 2: no penalty
+    assert sample.bleu([["the cat"]], ["the the the the"])[0] == pytest.approx(0.25, rel=1e-6)
+
+# ----------------------------------------------------------------------------- CIDEr-D
+
+
+def test_cider_identical_two_word_captions():
+    # 2 images; "a" is in both (df 2): idf log2 - log2 = 0; dog, cat and the bigrams: idf log 2.
+    # 1-gram and 2-gram cosines are 1, there are no 3-/4-grams (0), same length:
+    # 10 * mean(1, 1, 0, 0) = 5 for each image.
+    assert sample.cider([["a dog"], ["a cat"]], ["a dog", "a cat"]) == pytest.approx(5.0)
+
+
+def test_cider_single_image_is_zero():
+    assert sample.cider([["a red circle"]], ["a red circle"]) == 0.0  # idf = log(1) - log(1) = 0
+
+
+def test_cider_hand_worked_clipping_length_and_unseen_ngrams():
+    refs = [["a dog runs", "a dog"], ["a cat"], ["the bird"]]
+    hyps = ["a dog dog", "a cat", "a bird"]
+    # 3 images: "a" is in 2 of them -> u = log3 - log2; every other reference n-gram -> L = log 3;
+    # n-grams no reference has (dog_dog, a_dog_dog, a_bird) have df 0 -> log(max(1, 0)) = 0 -> L too.
+    u, L = math.log(3) - math.log(2), math.log(3)
+    pen = math.exp(-1 / 72)  # bigram counts 2 vs 1: exp(-1^2 / (2 * 6^2))
+    # image 1, hyp vectors: 1g {a: u, dog: 2L}, 2g {a_dog: L, dog_dog: L}, 3g {a_dog_dog: L}
+    #   ref "a dog runs": 1g {a: u, dog: L, runs: L}; clipped dot u*u + min(2L, L)*L
+    one_a = (u * u + L * L) / (math.sqrt(u * u + 4 * L * L) * math.sqrt(u * u + 2 * L * L))
+    two_a = L * L / (math.sqrt(2) * L * math.sqrt(2) * L)  # a_dog matches, dog_dog does not: 0.5
+    #   ref "a dog": 1g {a: u, dog: L}; 2g {a_dog: L}; no 3-grams (norm 0 -> 0); length penalty
+    one_b = (u * u + L * L) / (math.sqrt(u * u + 4 * L * L) * math.sqrt(u * u + L * L)) * pen
+    two_b = L * L / (math.sqrt(2) * L * L) * pen
+    img1 = 10 * (one_a + two_a + one_b + two_b) / 4 / 2  # mean over n (4), over refs (2)
+    img2 = 10 * (1 + 1) / 4  # identical two-word captions
+    img3 = 10 * (L * L / (math.sqrt(u * u + L * L) * math.sqrt(2) * L)) / 4  # only "bird" matches
+    expected = (img1 + img2 + img3) / 3
+    assert expected == pytest.approx(3.0930, abs=1e-4)
+    assert sample.cider(refs, hyps) == pytest.approx(expected, rel=1e-9)
+
+# ----------------------------------------------------------------------------- safetensors
+
+
+def example_tensors():
+    g = torch.Generator().manual_seed(0)
+    return {"w": torch.randn(3, 4, generator=g), "h": torch.randn(5, generator=g).half(),
+            "b": torch.randn(2, 2, generator=g).bfloat16(), "i": torch.arange(7), "j": torch.arange(3).int(),
+            "u": torch.arange(5, dtype=torch.uint8), "m": torch.tensor([True, False, True]),
+            "s": torch.tensor(2.5), "e": torch.zeros(0, 3)}
+
+
+def test_safetensors_round_trip_and_alignment(tmp_path):
+    path = str(tmp_path / "t.safetensors")
+    tensors = example_tensors()
+    sample.write_safetensors(path, tensors, metadata={"format": "pt"})
+    blob = open(path, "rb").read()
+    (n,) = struct.unpack("<Q", blob[:8])
+    assert n % 8 == 0 and json.loads(blob[8:8 + n])["__metadata__"] == {"format": "pt"}
+    back = sample.read_safetensors(path)
+    assert back.keys() == tensors.keys()
+    for k, t in tensors.items():
+        assert back[k].dtype == t.dtype and back[k].shape == t.shape and torch.equal(back[k], t)
+
+
+def test_safetensors_interop_with_the_real_library(tmp_path):
+    st = pytest.importorskip("safetensors.torch")
+    ours, theirs = str(tmp_path / "ours.safetensors"), str(tmp_path / "theirs.safetensors")
+    tensors = example_tensors()
+    sample.write_safetensors(ours, tensors, metadata={"format": "pt"})
+    loaded = st.load_file(ours)
+    assert all(torch.equal(loaded[k], t) and loaded[k].dtype == t.dtype for k, t in tensors.items())
+    st.save_file(tensors, theirs, metadata={"format": "pt"})
+    loaded = sample.read_safetensors(theirs)
+    assert all(torch.equal(loaded[k], t) and loaded[k].dtype == t.dtype for k, t in tensors.items())
+
+
+def craft(path, header, payload=b"", length=None):
+    text = header if isinstance(header, bytes) else json.dumps(header).encode()
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text) if length is None else length) + text + payload)
+    return str(path)
+
+
+@pytest.mark.parametrize("header, payload, length, why", [
+    ({"x": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4, 10 ** 12, "beyond the file"),
+    (b"\xff\xfe not json", b"", None, "not JSON"),
+    (b"[1, 2]   ", b"", None, "not a JSON object"),
+    ({"x": {"dtype": "F99", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4, None, "unknown dtype"),
+    ({"x": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}}, b"\0" * 4, None, "needs 8 bytes"),
+    ({"x": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 4, None, "outside"),
+    # a header claiming a 4 TB tensor is refused from its offsets, nothing is allocated
+    ({"x": {"dtype": "F32", "shape": [10 ** 12], "data_offsets": [0, 4 * 10 ** 12]}}, b"", None, "outside"),
+    ({"x": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}, b"\0" * 4, None, "shape"),
+    ({"x": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
+      "y": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 8, None, "starts at byte 0"),
+])
+def test_safetensors_reader_refuses(tmp_path, header, payload, length, why):
+    path = craft(tmp_path / "bad.safetensors", header, payload, length)
+    with pytest.raises(data.DataError, match=why) as e:
+        sample.read_safetensors(path)
+    assert path in str(e.value)
+
+# ----------------------------------------------------------------------------- a tiny model, saved both ways
+
+SAMPLE_CAPTIONS = ["a small red circle", "a large blue square to the left of a small red circle",
+            "a dog runs on the grass", "two children play in the water"]
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    tok = Tokenizer.train(SAMPLE_CAPTIONS, vocab_size=300)
+    torch.manual_seed(0)
+    cfg = Config(d_model=32, n_heads=2, n_layers=2, d_ff=64, vis_ch=16, n_vis=16, vocab_size=tok.vocab_size,
+                 max_seq=10, img_size=32)
+    model = VLM(cfg).eval()
+    ckpt = str(root / "ckpt.pt")
+    torch.save({"model": model.state_dict(), "config": vars(cfg), "tokenizer": tok.to_json(), "step": 0}, ckpt)
+    sample.save_pretrained(str(root / "export"), model, tok)
+    return root, model, tok
+
+
+def test_load_model_both_forms_agree(saved):
+    root, model, tok = saved
+    (m1, t1), (m2, t2) = (sample.load_model(str(root / p)) for p in ("ckpt.pt", "export"))
+    assert not m1.training and m1.config == m2.config == model.config
+    for k, v in model.state_dict().items():
+        assert torch.equal(m1.state_dict()[k], v) and torch.equal(m2.state_dict()[k], v)
+    images = np.random.default_rng(0).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
+    assert sample.caption(m1, t1, images, "greedy") == sample.caption(m2, t2, images, "greedy", batch_size=2)
+    published = json.load(open(root / "export" / "config.json"))
+    assert published["D_MODEL"] == 32 and published["N_VIS"] == 16 and published["VOCAB_SIZE"] == tok.vocab_size
+
+
+def test_caption_with_attention_gives_a_map_per_word(saved):
+    _, model, tok = saved
+    images = np.random.default_rng(1).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    texts, maps = sample.caption(model, tok, images, "topk", generator=torch.Generator().manual_seed(0),
+                                 return_attn=True)
+    for text, words in zip(texts, maps):
+        assert [w for w, _ in words] == text.split()
+        assert all(m.shape == (16,) and m.sum() <= 1 + 1e-5 for _, m in words)
+
+
+def test_load_model_refuses_bad_checkpoints(saved, tmp_path):
+    root, model, tok = saved
+    good = open(root / "ckpt.pt", "rb").read()
+    cases = {"truncated.pt": good[:len(good) // 2], "foreign.pt": b"GIF89a not a checkpoint"}
+    for name, blob in cases.items():
+        (tmp_path / name).write_bytes(blob)
+    buf = io.BytesIO()
+    torch.save({"weights": model.state_dict()}, buf)  # a torch file, but not ours
+    (tmp_path / "other.pt").write_bytes(buf.getvalue())
+    state = model.state_dict()
+    del state["ln_f.weight"]
+    torch.save({"model": state, "config": vars(model.config), "tokenizer": tok.to_json()}, tmp_path / "keys.pt")
+    bigger = dict(vars(model.config), d_ff=128)
+    torch.save({"model": model.state_dict(), "config": bigger, "tokenizer": tok.to_json()}, tmp_path / "shapes.pt")
+    expect = {"truncated.pt": "not a readable", "foreign.pt": "not a zip archive", "other.pt": "not a SupraVL",
+              "keys.pt": "missing weights: ln_f.weight", "shapes.pt": "wrong shapes", "nothing.pt": "no such"}
+    for name, why in expect.items():
+        with pytest.raises(data.DataError, match=why):
+            sample.load_model(str(tmp_path / name))
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(data.DataError, match="no model.safetensors"):
+        sample.load_model(str(tmp_path / "folder"))
+    huge = tmp_path / "huge"  # a published folder whose config.json claims a giant model
+    huge.mkdir()
+    for name in ("model.safetensors", "tokenizer.json"):
+        (huge / name).write_bytes((root / "export" / name).read_bytes())
+    published = json.load(open(root / "export" / "config.json"))
+    (huge / "config.json").write_text(json.dumps(dict(published, D_MODEL=10 ** 6)))
+    with pytest.raises(data.DataError, match="bigger model than"):
+        sample.load_model(str(huge))
+
+# ----------------------------------------------------------------------------- the command line
+
+
+def run(*args, cwd=HERE):
+    return subprocess.run([sys.executable, os.path.join(HERE, "sample.py"), *map(str, args)],
+                          capture_output=True, text=True, cwd=cwd, timeout=120)
+
+
+def image_zoo(d):
+    """Good images of many kinds (named) and bad files."""
+    rgb = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 60, 3), dtype=np.uint8))
+    good = {"rgb.jpg": rgb, "gray.png": rgb.convert("L"), "rgba.png": rgb.convert("RGBA"),
+            "pal.gif": rgb.convert("P"), "cmyk.jpg": rgb.convert("CMYK"), "tiny.bmp": rgb.resize((1, 1)),
+            "g16.tif": Image.fromarray(np.full((9, 7), 40000, np.uint16))}
+    for name, im in good.items():
+        im.save(d / name)
+    frames = [rgb, rgb.rotate(90)]
+    frames[0].save(d / "anim.gif", save_all=True, append_images=frames[1:])
+    exif = Image.Exif()
+    exif[0x0112] = 6  # phone photo: rotate on display
+    rgb.save(d / "phone.jpg", exif=exif)
+    good = sorted(good) + ["anim.gif", "phone.jpg"]
+    (d / "empty.png").write_bytes(b"")
+    (d / "notes.png").write_text("not an image")
+    (d / "cut.png").write_bytes((d / "gray.png").read_bytes()[:60])
+    png = bytearray((d / "gray.png").read_bytes())  # a 30000x30000 claim: a decompression bomb
+    struct.pack_into(">II", png, 16, 30000, 30000)
+    struct.pack_into(">I", png, 29, zlib.crc32(png[12:29]))
+    (d / "bomb.png").write_bytes(bytes(png))
+    (d / "folder").mkdir()
+    return good, ["missing.png", "empty.png", "notes.png", "cut.png", "bomb.png", "folder"]
+
+
+def test_cli_captions_every_good_image_reports_bad_ones_and_draws(saved, tmp_path):
+    root, model, tok = saved
+    good, bad = image_zoo(tmp_path)
+    paths = [tmp_path / n for n in good[:3] + bad[:3] + good[3:] + bad[3:]]
+    r = run("--img", *paths, "--ckpt", root / "export", "--batch-size", 4, "--attn", tmp_path / "attn.png")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    lines = r.stdout.splitlines()
+    assert [line.split("\t")[0] for line in lines] == [str(tmp_path / n) for n in good]
+    errors = r.stderr.splitlines()
+    assert len(errors) == len(bad) and all(e.startswith("error: ") for e in errors)
+    assert all(any(str(tmp_path / n) in e for e in errors) for n in bad)
+    # one picture per image, numbered by its position in --img: image panel + one per word
+    first = Image.open(tmp_path / "attn_1.png")
+    panels = 1 + len(lines[0].split("\t")[1].split())
+    cols = min(sample.COLUMNS, panels)
+    assert first.size == (cols * sample.CELL, math.ceil(panels / cols) * (sample.CELL + sample.LABEL))
+    assert not (tmp_path / "attn_4.png").exists() and (tmp_path / "attn_7.png").exists()
+
+
+def test_cli_topk_samples_from_ckpt(saved, tmp_path):
+    root, _, _ = saved
+    Image.new("RGB", (50, 50), "red").save(tmp_path / "a.png")
+    args = ["--img", tmp_path / "a.png", "--ckpt", root / "ckpt.pt", "--strategy", "topk", "--num-samples", 3,
+            "--seed", 1, "--device", "cpu"]
+    r = run(*args)
+    assert r.returncode == 0, r.stderr
+    assert [line.split("\t")[0] for line in r.stdout.splitlines()] == [str(tmp_path / "a.png")] * 3
+
+
+def test_cli_bad_checkpoint_is_one_line(saved, tmp_path):
+    root, _, _ = saved
+    (tmp_path / "ckpt.pt").write_bytes((root / "ckpt.pt").read_bytes()[:1000])
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    r = run("--img", tmp_path / "a.png", "--ckpt", tmp_path / "ckpt.pt")
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith(f"error: {tmp_path / 'ckpt.pt'}: ")
+
+
+def test_cli_eval_on_tiny_shapes_writes_json(saved, tmp_path):
+    root, _, _ = saved
+    data.make_shapes(str(tmp_path / "shapes"), sizes=(2, 12, 2), size=32, log=lambda *a: None)
+    out = tmp_path / "val.json"
+    r = run("--ckpt", root / "export", "--eval", "val", "--data", "shapes", "--data-dir", tmp_path / "shapes",
+            "--json", out)
+    assert r.returncode == 0, r.stderr
+    assert "BLEU-4" in r.stdout and "CIDEr-D" in r.stdout and "exact match" in r.stdout
+    result = json.load(open(out))
+    assert {"split", "n_images", "bleu1", "bleu2", "bleu3", "bleu4", "cider", "exact_match"} <= result.keys()
+    assert result["split"] == "val" and result["n_images"] == 12 and 0 <= result["exact_match"] <= 1
+
+
+# ==================================================================================================
+# train.py: the loop, resume, torchrun
+# ==================================================================================================
+
+@pytest.fixture(scope="module")
+def shapes_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("shapes")
+    data.make_shapes(str(d), sizes=(48, 16, 16), seed=0, log=lambda *a: None)
+    return d
+
+
+def tiny_args(shapes_dir, out, *extra):
+    """48 images x 5 captions / batch 16 = 15 steps an epoch, 4 epochs: 60 steps of a few ms."""
+    return ["--data", "shapes", "--data-dir", str(shapes_dir), "--out-dir", str(out), "--device", "cpu",
+            "--dtype", "float32", "--batch-size", "16", "--epochs", "4", "--eval-interval", "5",
+            "--log-interval", "5", "--seed", "3", *extra]
+
+
+def run_train(args, **kw):
+    return subprocess.run([sys.executable, "train.py", *args], cwd=HERE, capture_output=True, text=True, **kw)
+
+
+def weights(out):
+    return torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["model"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(shapes_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("full")
+    result = train.train(train.get_args(tiny_args(shapes_dir, out)))
+    return out, result
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs"
+
+
+def test_schedule_warms_up_then_decays_to_min_lr():
+    args = train.get_args(["--data", "shapes", "--lr", "1e-3", "--min-lr", "1e-4", "--warmup-steps", "10"])
+    lrs = [train.lr_at(s, 100, args) for s in range(101)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))  # monotone after warmup
+    assert lrs[100] == pytest.approx(1e-4)
+
+
+def test_ranks_get_disjoint_equal_shards():
+    args = train.get_args(["--data", "shapes", "--batch-size", "4"])
+    shards = [train.epoch_order(50, 0, args, r, 3) for r in range(3)]
+    flat = torch.cat([s.flatten() for s in shards])
+    assert all(s.shape == (4, 4) for s in shards)  # 50 // 3 // 4 = 4 steps of 4
+    assert len(set(flat.tolist())) == len(flat)
+    assert torch.equal(train.epoch_order(50, 1, args, 0, 1), train.epoch_order(50, 1, args, 0, 1))
+    assert not torch.equal(train.epoch_order(50, 0, args, 0, 1), train.epoch_order(50, 1, args, 0, 1))
+
+
+def test_teacher_forcing_rows(shapes_dir):
+    split = data.load_split(str(shapes_dir), "val")
+    tok = train.Tokenizer.train([c for cs in split.captions for c in cs], 300)
+    tokens, image_of, lengths = train.encode_pairs(split, tok, 48)
+    ids = tok.encode(split.captions[0][0])
+    assert tokens[0, :len(ids) + 2].tolist() == [tok.bos_id, *ids, tok.eos_id]
+    assert (tokens[0, len(ids) + 2:] == tok.pad_id).all() and lengths[0] == len(ids) + 1
+    assert image_of.tolist()[:6] == [0, 0, 0, 0, 0, 1]
+
+
+def test_run_writes_the_published_layout(uninterrupted):
+    out, result = uninterrupted
+    for name in ("ckpt.pt", "best.pt", "loss.png", "model.safetensors", "config.json", "tokenizer.json",
+                 "eval.json"):
+        assert os.path.isfile(out / name), name
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 60 and not any(k.startswith("_orig_mod") for k in ckpt["model"])
+    assert {"bleu1", "bleu4", "cider", "exact_match"} <= result.keys()
+    # the folder is what sample.py loads, strictly, with the same weights
+    model, tok = sample.load_model(str(out))
+    assert_same_weights(model.state_dict(), ckpt["model"])
+    st = pytest.importorskip("safetensors.torch")
+    assert_same_weights(st.load_file(str(out / "model.safetensors")), model.state_dict())
+
+
+def test_resume_after_max_steps_is_bit_exact(shapes_dir, uninterrupted, tmp_path):
+    train.train(train.get_args(tiny_args(shapes_dir, tmp_path, "--max-steps", "13")))
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 13
+    train.train(train.get_args(tiny_args(shapes_dir, tmp_path, "--resume")))
+    assert_same_weights(weights(tmp_path), weights(uninterrupted[0]))
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
+def test_resume_after_kill_is_bit_exact(shapes_dir, uninterrupted, tmp_path, sig):
+    p = subprocess.Popen([sys.executable, "train.py", *tiny_args(shapes_dir, tmp_path)], cwd=HERE,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 60
+    while not os.path.exists(tmp_path / "ckpt.pt") and time.time() < deadline and p.poll() is None:
+        time.sleep(0.02)
+    p.send_signal(sig)
+    log = p.communicate(timeout=60)[0]
+    if sig == signal.SIGINT:  # saved at a step boundary, told how to go on
+        assert p.returncode == 130 and "python train.py --resume" in log
+    step = torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"]
+    assert 5 <= step < 60  # really stopped part-way
+    train.train(train.get_args(tiny_args(shapes_dir, tmp_path, "--resume")))
+    assert_same_weights(weights(tmp_path), weights(uninterrupted[0]))
+
+
+def test_torchrun_two_cpu_processes(shapes_dir, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "train.py", *tiny_args(shapes_dir, tmp_path, "--max-steps", "6")],
+                       cwd=HERE, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "2 processes" in r.stdout and r.stdout.count("val loss") == 2  # rank 0 alone logs (steps 5, 6)
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 6
+    assert os.path.isfile(tmp_path / "eval.json")
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(shapes_dir, tmp_path):
+    r = run_train(tiny_args(shapes_dir, tmp_path, "--lr", "1e30", "--warmup-steps", "1"))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "loss became" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_resume_without_checkpoint_is_one_line(tmp_path):
+    r = run_train(["--data", "shapes", "--out-dir", str(tmp_path), "--resume"])
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1
+
+
+@pytest.mark.skipif(not os.path.isdir(os.path.join(SHARED, "images128")), reason="needs ../shared/flickr8k")
+def test_real_flickr8k_photos_end_to_end(tmp_path):
+    """The real caption file and the real images that ../shared holds: prepare, train, export."""
+    args = ["--data", "flickr8k", "--data-dir", SHARED, "--prep-dir", str(tmp_path / "prep"),
+            "--out-dir", str(tmp_path / "out"), "--device", "cpu", "--max-steps", "3", "--batch-size", "8"]
+    result = train.train(train.get_args(args))
+    assert result["n_images"] == 38 and result["exact_match"] is None  # the 38 val photos present
+    model, tok = sample.load_model(str(tmp_path / "out"))
+    assert tok.vocab_size == 2048 and model.config.vocab_size == 2048
