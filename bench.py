@@ -230,6 +230,7 @@ def main():
     p.add_argument("--quick", action="store_true", help="fewer repeats and smaller sizes: under a minute")
     args = p.parse_args()
     t0 = time.time()
+    train.keep_freed_memory()  # as train.py does on the CPU
     for part in (bench_tokenizer, bench_generation, bench_training, bench_preparation, bench_sampling):
         print(f"{part.__name__}...", file=sys.stderr)
         part(args.quick)

@@ -17,7 +17,16 @@ Left out: augmentation, cropping (images are squash-resized), any other dataset.
     python data.py --data flickr8k                  # -> data/flickr8k (download ~1 GB)
     python data.py --data flickr8k --data-dir ../shared/flickr8k --prep-dir data/flickr8k-small
 """
-import argparse, json, os, re, shutil, sys, textwrap, time, zipfile, zlib
+import argparse
+import json
+import os
+import re
+import shutil
+import sys
+import textwrap
+import time
+import zipfile
+import zlib
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
@@ -28,10 +37,6 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 DEFAULT_BASE_URL = "https://github.com/jbrownlee/Datasets/releases/download/Flickr8k/"
 SPLITS = ("train", "val", "test")
-SPLIT_LISTS = {"train": "Flickr_8k.trainImages.txt", "val": "Flickr_8k.devImages.txt",
-               "test": "Flickr_8k.testImages.txt"}
-TOKEN_FILE = "Flickr8k.token.txt"
-IMAGE_DIRS = ("Flicker8k_Dataset", "Flickr8k_Dataset", "images128", "Images", ".")  # first with images wins
 MEAN = (0.485, 0.456, 0.406)  # ImageNet statistics
 STD = (0.229, 0.224, 0.225)
 
@@ -59,17 +64,15 @@ def exact_match(hypothesis, references):
 # ----------------------------------------------------------------------------- images
 
 def _to_rgb(im):
-    """Any Pillow mode -> RGB; transparency is composited on white, 16-bit scaled to 8-bit."""
-    if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+    """Any Pillow mode -> RGB; transparency (alpha, or a palette's transparent index) is composited
+    on white; 16/32-bit grey is scaled to 8 bits, where Pillow's convert() would clip it at 255."""
+    if im.mode in ("I", "F") or im.mode.startswith("I;16"):
         a = np.asarray(im, dtype=np.float64)
         if im.mode.startswith("I;16") or a.max() > 255:
             a = a / 257.0  # 0..65535 -> 0..255
         im = Image.fromarray(np.clip(a, 0, 255).astype(np.uint8), "L")
-    if im.mode == "P":
-        im = im.convert("RGBA")  # a palette may carry a transparent index
-    if im.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in im.info:
-        im = im.convert("RGBA")
-        im = Image.alpha_composite(Image.new("RGBA", im.size, (255, 255, 255, 255)), im)
+    if im.mode in ("P", "PA", "LA", "La", "RGBA", "RGBa") or "transparency" in im.info:
+        im = Image.alpha_composite(Image.new("RGBA", im.size, "white"), im.convert("RGBA"))
     return im.convert("RGB")
 
 
@@ -102,8 +105,9 @@ def normalize(images):
         raise DataError(f"normalize: expected uint8 (B, H, W, 3), got {images.dtype} {tuple(images.shape)}")
     mean = torch.tensor(MEAN, device=images.device).view(1, 3, 1, 1)
     std = torch.tensor(STD, device=images.device).view(1, 3, 1, 1)
-    x = images.permute(0, 3, 1, 2).contiguous().float()  # (B, 3, H, W), reorder while still 1 byte/pixel
-    return torch.addcmul(-mean / std, x, 1.0 / (255.0 * std))  # (x/255 - mean)/std in one pass
+    # A view, not a copy: (B, H, W, 3) bytes already are the channels_last layout the conv encoder runs in.
+    x = images.permute(0, 3, 1, 2)  # (B, 3, H, W)
+    return torch.addcmul(-mean / std, x.float(), 1.0 / (255.0 * std))  # (x/255 - mean)/std in one pass
 
 
 # ----------------------------------------------------------------------------- prepared format
@@ -157,26 +161,23 @@ def load_split(data_dir, split, size=112, mmap_mode=None):
     return Split(names, images, captions)
 
 
-def _summary(prep_dir, size, log):
-    for split in SPLITS:
-        s = load_split(prep_dir, split, size, mmap_mode="r")  # header only: a check, not a read
-        log(f"  {split:5s}: {len(s.names):5d} images, {sum(map(len, s.captions)):6d} captions")
-
-
 # ----------------------------------------------------------------------------- download
 
 _progress_open = False  # a \r progress line is showing: an error message must start a new line
+_progress_shown = 0.0
 
 
 def _progress(text, end=False):
-    global _progress_open
-    sys.stderr.write("\r" + text.ljust(79) + ("\n" if end else ""))
-    sys.stderr.flush()
-    _progress_open = not end
+    """Redraws the one status line on stderr: at most twice a second, and always the last time."""
+    global _progress_open, _progress_shown
+    if end or time.time() - _progress_shown > 0.5:
+        sys.stderr.write("\r" + text.ljust(79) + ("\n" if end else ""))
+        sys.stderr.flush()
+        _progress_open, _progress_shown = not end, time.time()
 
 
-class _Incomplete(Exception):
-    pass
+class _Retry(Exception):
+    """A failed try that another one may fix: HTTP 5xx, a short body, a range we did not ask for."""
 
 
 def download(url, dest, retries=4, backoff=1.0, timeout=(10, 60)):
@@ -187,43 +188,39 @@ def download(url, dest, retries=4, backoff=1.0, timeout=(10, 60)):
     for attempt in range(retries + 1):
         have = os.path.getsize(part) if os.path.exists(part) else 0
         try:
-            headers = {"Range": f"bytes={have}-"} if have else {}
-            with requests.get(url, stream=True, timeout=timeout, headers=headers) as r:
-                if r.status_code == 416:  # our .part is not a prefix the server knows: start over
+            with requests.get(url, headers={"Range": f"bytes={have}-"} if have else {}, stream=True,
+                              timeout=timeout) as r:
+                code = r.status_code
+                if code >= 500:
+                    raise _Retry(f"HTTP {code}")
+                if code >= 400 and code != 416:
+                    raise DataError(f"{url}: HTTP {code} {r.reason}; {advice}")
+                resumed = code == 206 and r.headers.get("Content-Range", "").startswith(f"bytes {have}-")
+                if code in (206, 416) and not resumed:  # our .part is not a prefix the server knows
                     os.remove(part)
-                    raise _Incomplete("range not satisfiable")
-                if r.status_code >= 500:
-                    raise _Incomplete(f"HTTP {r.status_code}")
-                if r.status_code >= 400:
-                    raise DataError(f"{url}: HTTP {r.status_code} {r.reason}; {advice}")
-                resumed = r.status_code == 206
-                if resumed and not r.headers.get("Content-Range", "").startswith(f"bytes {have}-"):
-                    os.remove(part)  # a range we did not ask for: start over
-                    raise _Incomplete("unexpected Content-Range")
-                if not resumed:
-                    have = 0  # the server sent the whole file (it ignored Range): rewrite from byte 0
-                length = r.headers.get("Content-Length")
-                total = have + int(length) if length and length.isdigit() else None
-                done, t0, shown = have, time.time(), 0.0
+                    raise _Retry(f"HTTP {code} for bytes={have}-, starting over")
+                have = have if resumed else 0  # 200: the server ignored Range and sends it all, from byte 0
+                length = r.headers.get("Content-Length", "")
+                total = have + int(length) if length.isdigit() else None
+                t0 = time.time()
                 with open(part, "ab" if resumed else "wb") as f:
                     for chunk in r.iter_content(1 << 16):
                         f.write(chunk)
-                        done += len(chunk)
-                        if time.time() - shown > 0.5:
-                            shown, speed = time.time(), (done - have) / max(time.time() - t0, 1e-6)
-                            eta = f"ETA {(total - done) / max(speed, 1):.0f}s" if total else ""
-                            of = f"/{total / 1e6:.1f}" if total else ""
-                            _progress(f"  {name}: {done / 1e6:.1f}{of} MB {speed / 1e6:.2f} MB/s {eta}")
-            if total is not None and os.path.getsize(part) != total:
-                raise _Incomplete(f"got {os.path.getsize(part)} of {total} bytes")
-            _progress(f"  {name}: {os.path.getsize(part) / 1e6:.1f} MB downloaded", end=True)
+                        speed = (f.tell() - have) / max(time.time() - t0, 1e-6)
+                        of = f"/{total / 1e6:.1f}" if total else ""
+                        eta = f"ETA {(total - f.tell()) / max(speed, 1):.0f}s" if total else ""
+                        _progress(f"  {name}: {f.tell() / 1e6:.1f}{of} MB {speed / 1e6:.2f} MB/s {eta}")
+            got = os.path.getsize(part)
+            if total is not None and got != total:
+                raise _Retry(f"got {got} of {total} bytes")
+            _progress(f"  {name}: {got / 1e6:.1f} MB downloaded", end=True)
             os.replace(part, dest)
             return dest
         except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError,
-                _Incomplete) as e:
+                _Retry) as e:
             if attempt == retries:
-                raise DataError(f"{url}: download failed after {retries + 1} tries "
-                                f"({type(e).__name__}); {advice}") from None
+                why = e if isinstance(e, _Retry) else type(e).__name__
+                raise DataError(f"{url}: download failed after {retries + 1} tries ({why}); {advice}") from None
             time.sleep(backoff * 2 ** attempt)  # 1, 2, 4, 8 s: give a flaky link time to recover
         except requests.RequestException as e:  # a bad URL and the like: retrying will not help
             raise DataError(f"{url}: {type(e).__name__}; {advice}") from None
@@ -232,35 +229,37 @@ def download(url, dest, retries=4, backoff=1.0, timeout=(10, 60)):
 def extract_zip(path, dest_dir):
     """Checks and extracts an archive into dest_dir. Refuses it whole if any entry is absolute or
     has '..'; a corrupt archive (bad zip, bad CRC) is removed. __MACOSX junk is skipped."""
-    tmp = os.path.join(dest_dir, ".extract.tmp")
+    tmp = os.path.join(dest_dir, ".extract.tmp")  # nothing moves into place until all of it is out
     shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
     try:
         with zipfile.ZipFile(path) as zf:
-            for name in zf.namelist():
-                parts = name.replace("\\", "/").split("/")
-                if name.startswith(("/", "\\")) or ".." in parts or re.match(r"^[A-Za-z]:", name):
+            for name in zf.namelist():  # check every entry before extracting any
+                if re.match(r"[/\\]|[A-Za-z]:", name) or ".." in re.split(r"[/\\]", name):
                     raise DataError(f"{path}: unsafe entry {name!r} (absolute or '..'); archive refused")
             for info in zf.infolist():
                 base = os.path.basename(info.filename.rstrip("/"))
-                if info.filename.startswith("__MACOSX/") or base.startswith("._") or base == ".DS_Store":
-                    continue
-                zf.extract(info, tmp)  # reading checks each entry's CRC
+                if not (info.filename.startswith("__MACOSX/") or base.startswith("._") or base == ".DS_Store"):
+                    zf.extract(info, tmp)  # reading checks each entry's CRC
+        for entry in os.listdir(tmp):
+            target = os.path.join(dest_dir, entry)
+            if os.path.isdir(target):
+                shutil.rmtree(target)
+            os.replace(os.path.join(tmp, entry), target)
     except (zipfile.BadZipFile, zlib.error, EOFError) as e:
-        shutil.rmtree(tmp, ignore_errors=True)
         os.remove(path)
         raise DataError(f"{path}: corrupt archive ({e}); removed it, run again to download it again") from None
-    except BaseException:
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    for entry in os.listdir(tmp):  # move into place only once everything was extracted
-        target = os.path.join(dest_dir, entry)
-        if os.path.isdir(target):
-            shutil.rmtree(target)
-        os.replace(os.path.join(tmp, entry), target)
-    os.rmdir(tmp)
 
 
 # ----------------------------------------------------------------------------- Flickr8k
+
+SPLIT_LISTS = {"train": "Flickr_8k.trainImages.txt", "val": "Flickr_8k.devImages.txt",
+               "test": "Flickr_8k.testImages.txt"}
+TOKEN_FILE = "Flickr8k.token.txt"
+IMAGE_DIRS = ("Flicker8k_Dataset", "Flickr8k_Dataset", "images128", "Images", ".")  # first with images wins
+
 
 def parse_tokens(path):
     """Flickr8k.token.txt -> ({image name: [cleaned captions]}, number of malformed lines).
@@ -287,9 +286,9 @@ def _find_image_dir(data_dir):
 
 
 def _decode(args):
-    path, size = args
+    """load_image in a worker process: a bad image is reported back, not raised."""
     try:
-        return load_image(path, size), None
+        return load_image(*args), None
     except DataError as e:
         return None, str(e)
 
@@ -297,21 +296,18 @@ def _decode(args):
 def decode_images(paths, size=112, workers=None, label="images"):
     """Decodes every path once, on all cores -> (uint8 (N, S, S, 3) of the good ones, ok flags, errors)."""
     workers = workers or os.cpu_count() or 1
-    out, ok, errors, n = np.zeros((len(paths), size, size, 3), np.uint8), [], [], 0
     jobs = [(p, size) for p in paths]
-    pool = ProcessPoolExecutor(workers) if workers > 1 and len(paths) >= 64 else None
-    results = pool.map(_decode, jobs, chunksize=16) if pool else map(_decode, jobs)
-    t0 = time.time()
+    pool = ProcessPoolExecutor(workers) if workers > 1 and len(jobs) >= 64 else None
+    out, ok, errors, n, t0 = np.zeros((len(jobs), size, size, 3), np.uint8), [], [], 0, time.time()
     try:
-        for i, (img, err) in enumerate(results):
+        for i, (img, err) in enumerate(pool.map(_decode, jobs, chunksize=16) if pool else map(_decode, jobs), 1):
             ok.append(img is not None)
             if img is not None:
                 out[n], n = img, n + 1  # good images packed to the front, in order
             else:
                 errors.append(err)
-            if i % 50 == 49 or i == len(jobs) - 1:
-                _progress(f"  decoding {label}: {i + 1}/{len(jobs)} ({(i + 1) / (time.time() - t0):.0f} img/s)",
-                          end=i == len(jobs) - 1)
+            rate = i / (time.time() - t0)
+            _progress(f"  decoding {label}: {i}/{len(jobs)} ({rate:.0f} img/s)", end=i == len(jobs))
     finally:
         if pool:
             pool.shutdown(cancel_futures=True)
@@ -320,20 +316,19 @@ def decode_images(paths, size=112, workers=None, label="images"):
 
 def prepare_flickr8k(data_dir, size=112, base_url=DEFAULT_BASE_URL, log=print, prep_dir=None):
     """Download (if needed), extract, parse and decode Flickr8k into the prepared format."""
-    prep_dir = prep_dir or data_dir
     os.makedirs(data_dir, exist_ok=True)
     token_path = os.path.join(data_dir, TOKEN_FILE)
-    for archive, wanted in (("Flickr8k_text.zip", lambda: os.path.isfile(token_path)),
-                            ("Flickr8k_Dataset.zip", lambda: _find_image_dir(data_dir))):
-        if wanted():
+    for archive, extracted in (("Flickr8k_text.zip", lambda: os.path.isfile(token_path)),
+                               ("Flickr8k_Dataset.zip", lambda: _find_image_dir(data_dir))):
+        if extracted():
             continue  # already extracted (or a folder that came without zips)
-        zip_path = os.path.join(data_dir, archive)
+        zip_path, url = os.path.join(data_dir, archive), base_url.rstrip("/") + "/" + archive
         if not os.path.exists(zip_path):
-            log(f"downloading {base_url.rstrip('/')}/{archive}")
-            download(base_url.rstrip("/") + "/" + archive, zip_path)
+            log(f"downloading {url}")
+            download(url, zip_path)
         log(f"extracting {zip_path}")
         extract_zip(zip_path, data_dir)
-        if not wanted():
+        if not extracted():
             raise DataError(f"{zip_path}: does not hold the expected Flickr8k files")
     captions, malformed = parse_tokens(token_path)
     image_dir = _find_image_dir(data_dir)
@@ -344,15 +339,15 @@ def prepare_flickr8k(data_dir, size=112, base_url=DEFAULT_BASE_URL, log=print, p
         if not os.path.isfile(list_path):
             raise DataError(f"{list_path}: split list not found")
         with open(list_path, encoding="utf-8", errors="replace") as f:
-            listed = list(dict.fromkeys(line.strip() for line in f if line.strip()))
+            listed = list(dict.fromkeys(line.strip() for line in f if line.strip()))  # unique, in order
         uncaptioned = [n for n in listed if n not in captions]
         present = [n for n in listed if n in captions and os.path.isfile(os.path.join(image_dir, n))]
         images, ok, errors = decode_images([os.path.join(image_dir, n) for n in present], size, label=split)
         names = [n for n, good in zip(present, ok) if good]
-        save_split(prep_dir, split, names, images, [captions[n] for n in names], size)
-        n_missing = len(listed) - len(uncaptioned) - len(present)
+        save_split(prep_dir or data_dir, split, names, images, [captions[n] for n in names], size)
         log(f"  {split:5s}: {len(names)} of {len(listed)} listed images prepared; skipped "
-            f"{n_missing} missing, {len(errors)} unreadable, {len(uncaptioned)} without captions")
+            f"{len(listed) - len(uncaptioned) - len(present)} missing, {len(errors)} unreadable, "
+            f"{len(uncaptioned)} without captions")
         for err in errors[:3]:
             log(f"    {err}")
 
@@ -498,25 +493,26 @@ def prepare(data, data_dir=None, size=112, base_url=DEFAULT_BASE_URL, log=print,
     prep_dir = prep_dir or data_dir
     if all(os.path.isfile(p) for s in SPLITS for p in _split_paths(prep_dir, s, size)):
         log(f"{data}: already prepared in {prep_dir} at {size}x{size}")
-        _summary(prep_dir, size, log)
-        return prep_dir
-    try:
-        os.makedirs(prep_dir, exist_ok=True)
-    except OSError as e:
-        raise DataError(f"{prep_dir}: cannot create it ({e.strerror}); pass --prep-dir DIR") from None
-    if not os.access(prep_dir, os.W_OK) or not os.stat(prep_dir).st_mode & 0o200:  # root ignores modes
-        raise DataError(f"{prep_dir}: not writable; pass --prep-dir DIR for the prepared arrays")
-    t0 = time.time()
-    if data == "shapes":
-        log(f"shapes: generating into {prep_dir}")
-        make_shapes(prep_dir, size=size, log=log)
-        contact_sheet(load_split(prep_dir, "val", size), os.path.join(prep_dir, "contact_sheet.png"))
-        log(f"  wrote {os.path.join(prep_dir, 'contact_sheet.png')}")
     else:
-        log(f"flickr8k: preparing {data_dir} into {prep_dir}")
-        prepare_flickr8k(data_dir, size, base_url, log, prep_dir)
-    log(f"{data}: prepared in {time.time() - t0:.1f}s")
-    _summary(prep_dir, size, log)
+        try:
+            os.makedirs(prep_dir, exist_ok=True)
+        except OSError as e:
+            raise DataError(f"{prep_dir}: cannot create it ({e.strerror}); pass --prep-dir DIR") from None
+        if not os.access(prep_dir, os.W_OK) or not os.stat(prep_dir).st_mode & 0o200:  # root ignores modes
+            raise DataError(f"{prep_dir}: not writable; pass --prep-dir DIR for the prepared arrays")
+        t0 = time.time()
+        if data == "shapes":
+            log(f"shapes: generating into {prep_dir}")
+            make_shapes(prep_dir, size=size, log=log)
+            contact_sheet(load_split(prep_dir, "val", size), os.path.join(prep_dir, "contact_sheet.png"))
+            log(f"  wrote {os.path.join(prep_dir, 'contact_sheet.png')}")
+        else:
+            log(f"flickr8k: preparing {data_dir} into {prep_dir}")
+            prepare_flickr8k(data_dir, size, base_url, log, prep_dir)
+        log(f"{data}: prepared in {time.time() - t0:.1f}s")
+    for split in SPLITS:
+        s = load_split(prep_dir, split, size, mmap_mode="r")  # header only: a check, not a read
+        log(f"  {split:5s}: {len(s.names):5d} images, {sum(map(len, s.captions)):6d} captions")
     return prep_dir
 
 

@@ -4,13 +4,14 @@
     python sample.py --img photo.jpg --ckpt out --strategy topk --num-samples 3 --seed 0
     python sample.py --img photo.jpg --attn attn.png        # the attention picture
     python sample.py --ckpt out/ckpt.pt --eval val --data shapes --json val.json
+    python sample.py --eval test --data-dir ../shared/flickr8k --prep-dir data/flickr8k  # read-only data
 
 --ckpt is train.py's out/ckpt.pt or a folder in the published layout (model.safetensors,
 config.json, tokenizer.json), which save_pretrained below writes. Also here, all hand-written:
 the coco-caption metrics (corpus BLEU-1..4 and CIDEr-D) and a small validating safetensors
 reader/writer. Left out: METEOR, ROUGE-L and SPICE (they need Java), coco's PTB tokenizer (the
 captions are already cleaned by data.clean_caption, so we split on whitespace).
-Tests: python -m pytest -q tests_sample.py
+Tests: python -m pytest -q test_all.py -k "bleu or cider or safetensors or load_model or caption or cli"
 """
 
 import argparse
@@ -40,14 +41,12 @@ def ngrams(words, n=4):
 
 
 def bleu(references, hypotheses):
-    """Corpus BLEU-1..4 exactly as pycocoevalcap's BleuScorer with option "closest".
-
-    references: one list of caption strings per image; hypotheses: one string per image.
-    n-gram matches are clipped by the largest count in any one reference and summed over the corpus;
-    the brevity penalty compares the summed hypothesis length with the summed reference lengths,
-    each the one closest to its hypothesis (ties: the shorter). coco's smoothing: tiny=1e-15 on
-    matches, small=1e-9 on guesses, so a corpus with no 4-gram at all scores (1e-6)**(1/4), not 0.
-    """
+    """Corpus BLEU-1..4 exactly as pycocoevalcap's BleuScorer with option "closest"; references: one
+    list of caption strings per image, hypotheses: one string per image. n-gram matches are clipped by
+    the largest count in any one reference and summed over the corpus; the brevity penalty compares the
+    summed hypothesis length with the summed reference lengths, each the one closest to its hypothesis
+    (ties: the shorter). coco's smoothing: tiny=1e-15 on matches, small=1e-9 on guesses, so a corpus
+    with no 4-gram at all scores (1e-6)**(1/4), not 0."""
     if len(references) != len(hypotheses):
         raise ValueError(f"bleu: {len(references)} reference lists for {len(hypotheses)} hypotheses")
     tiny, small = 1e-15, 1e-9
@@ -75,10 +74,8 @@ def bleu(references, hypotheses):
 def cider(references, hypotheses, n=4, sigma=6.0):
     """CIDEr-D exactly as pycocoevalcap's CiderScorer: the mean over images of
     10 * mean over n=1..4 of mean over refs of clipped-cosine(tf-idf hyp, tf-idf ref) * length penalty.
-
     Document frequencies come from the references of the evaluated set (an n-gram counts once per
-    image), idf = log(n_images) - log(max(1, df)), so one image alone always scores 0.
-    """
+    image), idf = log(n_images) - log(max(1, df)), so one image alone always scores 0."""
     if len(references) != len(hypotheses):
         raise ValueError(f"cider: {len(references)} reference lists for {len(hypotheses)} hypotheses")
     ref_counts = [[ngrams(r.split(), n) for r in refs] for refs in references]
@@ -124,6 +121,7 @@ MAX_HEADER = 100 * 2 ** 20  # the real library's cap as well; our header is ~5 K
 
 
 def atomic_write(path, blob):
+    """Write to path.tmp, then rename: a crash never leaves a half-written file under the real name."""
     with open(path + ".tmp", "wb") as f:
         f.write(blob)
     os.replace(path + ".tmp", path)
@@ -158,8 +156,7 @@ def read_safetensors(path):
             (n,) = struct.unpack("<Q", f.read(8))
             if n > min(size - 8, MAX_HEADER):
                 raise bad(f"header length {n} goes beyond the file's {size} bytes")
-            head = f.read(n)
-            blob = f.read()  # the data section: what the file holds, whatever the header claims
+            head, blob = f.read(n), f.read()  # blob: the data the file holds, whatever the header claims
     except OSError as e:
         raise DataError(f"{path}: cannot read ({e.strerror})")
     try:
@@ -193,7 +190,7 @@ def read_safetensors(path):
         end = stop
     if end != len(blob):
         raise bad(f"{len(blob) - end} bytes after the last tensor")
-    return {name: (torch.frombuffer(bytearray(blob[a:b]), dtype=dtype) if b > a
+    return {name: (torch.frombuffer(bytearray(blob[a:b]), dtype=dtype) if b > a  # frombuffer refuses 0 bytes
                    else torch.empty(0, dtype=dtype)).reshape(shape)
             for a, b, name, dtype, shape in spans}
 
@@ -215,22 +212,21 @@ def save_pretrained(out_dir, model, tok):
     atomic_write(os.path.join(out_dir, "tokenizer.json"), tok.to_json().encode())
 
 
-def _read_folder(folder):
-    for name in ("model.safetensors", "config.json", "tokenizer.json"):
-        if not os.path.isfile(os.path.join(folder, name)):
-            raise DataError(f"{folder}: no {name} (expected model.safetensors, config.json, tokenizer.json)")
-    path = os.path.join(folder, "config.json")
-    try:
-        with open(path, encoding="utf-8") as f:
-            published = json.load(f)
-        fields = {field: published[key] for key, field in CONFIG_KEYS.items()}
-    except (ValueError, KeyError, TypeError) as e:
-        raise DataError(f"{path}: not a SupraVL config ({type(e).__name__}: {e})")
-    return (read_safetensors(os.path.join(folder, "model.safetensors")), fields, path,
-            Tokenizer.load(os.path.join(folder, "tokenizer.json")))
-
-
-def _read_ckpt(path):
+def _read_checkpoint(path):
+    """(state dict, Config fields, the file to blame for the config, tokenizer) from either form."""
+    if os.path.isdir(path):
+        for name in ("model.safetensors", "config.json", "tokenizer.json"):
+            if not os.path.isfile(os.path.join(path, name)):
+                raise DataError(f"{path}: no {name} (expected model.safetensors, config.json, tokenizer.json)")
+        config_path = os.path.join(path, "config.json")
+        try:
+            with open(config_path, encoding="utf-8") as f:
+                published = json.load(f)
+            fields = {field: published[key] for key, field in CONFIG_KEYS.items()}
+        except (ValueError, KeyError, TypeError) as e:
+            raise DataError(f"{config_path}: not a SupraVL config ({type(e).__name__}: {e})")
+        return (read_safetensors(os.path.join(path, "model.safetensors")), fields, config_path,
+                Tokenizer.load(os.path.join(path, "tokenizer.json")))
     if not os.path.exists(path):
         raise DataError(f"{path}: no such checkpoint file or folder")
     with open(path, "rb") as f:
@@ -241,9 +237,8 @@ def _read_ckpt(path):
     except Exception as e:  # truncated zip, foreign pickle, random bytes: torch raises many kinds
         first = str(e).split("\n")[0].split(". ")[0][:120]  # torch's messages run on for lines
         raise DataError(f"{path}: not a readable PyTorch checkpoint ({first})")
-    if not (isinstance(ckpt, dict) and {"model", "config", "tokenizer"} <= ckpt.keys()
-            and isinstance(ckpt["model"], dict) and isinstance(ckpt["config"], dict)
-            and isinstance(ckpt["tokenizer"], str)):
+    types = {"model": dict, "config": dict, "tokenizer": str}
+    if not (isinstance(ckpt, dict) and all(isinstance(ckpt.get(k), t) for k, t in types.items())):
         raise DataError(f"{path}: not a SupraVL checkpoint (expects keys model, config, tokenizer)")
     return ckpt["model"], ckpt["config"], path, Tokenizer.from_json(ckpt["tokenizer"], name=path)
 
@@ -251,29 +246,31 @@ def _read_ckpt(path):
 def load_model(path, device="cpu"):
     """(model in eval mode on device, tokenizer) from a ckpt.pt or a published folder."""
     try:
-        state, fields, where, tok = (_read_folder if os.path.isdir(path) else _read_ckpt)(path)
+        state, fields, where, tok = _read_checkpoint(path)
     except ValueError as e:  # bpe's load errors; they name their file
         raise DataError(str(e)) from None
     held = sum(v.numel() for v in state.values() if isinstance(v, torch.Tensor))
     try:
-        c = config = Config(**fields)
+        c = Config(**fields)
         # The weights (real bytes) bound the model: a config.json claiming D_MODEL = 10**6 is refused
         # here instead of making VLM allocate terabytes. These are its largest matrices.
         d = c.d_model
         if max(c.vocab_size * d, (c.n_vis + c.max_seq) * d, c.n_layers * d * c.d_ff, c.vis_ch ** 2) > held:
             raise ValueError(f"it describes a bigger model than the {held} weights hold")
-        model = VLM(config)
+        model = VLM(c)
     except (ValueError, TypeError, RuntimeError) as e:
         raise DataError(f"{where}: bad config ({e})")
     want = model.state_dict()
-    wrong = [f"{k} {tuple(getattr(v, 'shape', ()))} not {tuple(want[k].shape)}" for k, v in state.items()
-             if k in want and (not isinstance(v, torch.Tensor) or v.shape != want[k].shape)]
-    for what, names in (("missing weights", [k for k in want if k not in state]),
-                        ("unknown weights", [k for k in state if k not in want]), ("wrong shapes", wrong)):
+    problems = {"missing weights": [k for k in want if k not in state],
+                "unknown weights": [k for k in state if k not in want],
+                "wrong shapes": [f"{k} {tuple(getattr(v, 'shape', ()))} not {tuple(want[k].shape)}"
+                                 for k, v in state.items()
+                                 if k in want and (not isinstance(v, torch.Tensor) or v.shape != want[k].shape)]}
+    for what, names in problems.items():
         if names:  # one line, whatever is wrong
             raise DataError(f"{where}: {what}: {', '.join(names[:3])}" + (" ..." if len(names) > 3 else ""))
-    if tok.vocab_size > config.vocab_size:
-        raise DataError(f"{path}: tokenizer has {tok.vocab_size} ids, the model only {config.vocab_size}")
+    if tok.vocab_size > c.vocab_size:
+        raise DataError(f"{path}: tokenizer has {tok.vocab_size} ids, the model only {c.vocab_size}")
     model.load_state_dict(state, strict=True)
     return model.to(device).eval(), tok
 
@@ -294,6 +291,8 @@ def caption(model, tok, images_uint8, strategy="beam", beam_width=3, length_pena
             temperature=0.8, top_k=50, generator=None, batch_size=64, return_attn=False):
     """Captions for uint8 images (N,S,S,3), numpy or tensor, in batches of batch_size.
     With return_attn: (captions, maps) where maps[i] = [(word, (n_vis,) attention), ...]."""
+    if strategy not in ("beam", "greedy", "topk"):  # before any work, and even for no images
+        raise ValueError(f"unknown strategy {strategy!r} (beam, greedy, topk)")
     device, max_new = next(model.parameters()).device, model.config.max_seq
     texts, maps = [], []
     for start in range(0, len(images_uint8), batch_size):
@@ -303,13 +302,12 @@ def caption(model, tok, images_uint8, strategy="beam", beam_width=3, length_pena
             out = model.generate_beam(x, beam_width, max_new, length_penalty, return_attn=return_attn)
         elif strategy == "greedy":
             out = model.generate_greedy(x, max_new, return_attn=return_attn)
-        elif strategy == "topk":
-            out = model.generate_topk(x, max_new, temperature, top_k, generator, return_attn=return_attn)
         else:
-            raise ValueError(f"unknown strategy {strategy!r} (beam, greedy, topk)")
+            out = model.generate_topk(x, max_new, temperature, top_k, generator, return_attn=return_attn)
         seqs, attns = out if return_attn else (out, None)
         texts += [tok.decode(s).strip() for s in seqs]
-        maps += [word_attention(tok, s, a) for s, a in zip(seqs, attns)] if return_attn else []
+        if return_attn:
+            maps += [word_attention(tok, s, m) for s, m in zip(seqs, attns)]
     return (texts, maps) if return_attn else texts
 
 
@@ -317,12 +315,14 @@ def evaluate(model, tok, split, data_name, strategy="beam", beam_width=3, batch_
              split_name="val", **generate):
     """Caption every image of a data.Split and score it: BLEU-1..4, CIDEr-D and, for shapes, exact
     match, also apart for one-object and two-object images (those whose captions have a relation).
-    "samples": the first 8 captions with their references."""
+    "ms_per_caption": the captioning time alone; "samples": the first 8 captions with their references."""
     model.eval()
+    t0 = time.perf_counter()
     hyps = caption(model, tok, split.images, strategy, beam_width, batch_size=batch_size, **generate)
+    ms = 1000 * (time.perf_counter() - t0) / max(len(hyps), 1)  # decode() synced the device already
     b = bleu(split.captions, hyps)
     result = {"split": split_name, "n_images": len(hyps), "bleu1": b[0], "bleu2": b[1], "bleu3": b[2],
-              "bleu4": b[3], "cider": cider(split.captions, hyps), "exact_match": None}
+              "bleu4": b[3], "cider": cider(split.captions, hyps), "exact_match": None, "ms_per_caption": ms}
     if data_name == "shapes":
         hits = [data.exact_match(h, refs) for h, refs in zip(hyps, split.captions)]
         two = [bool({"left", "right", "above", "below"} & set(refs[0].split())) for refs in split.captions]
@@ -331,7 +331,7 @@ def evaluate(model, tok, split, data_name, strategy="beam", beam_width=3, batch_
                            ("exact_match_two", [h for h, t in zip(hits, two) if t])):
             result[key] = sum(group) / len(group) if group else None
     result["samples"] = [{"name": n, "caption": h, "references": r}
-                         for n, h, r in list(zip(split.names, hyps, split.captions))[:8]]
+                         for n, h, r in zip(split.names[:8], hyps, split.captions)]
     return result
 
 # ----------------------------------------------------------------------------- the attention picture
@@ -352,73 +352,68 @@ def draw_attention(image_uint8, words_maps, path):
         mask = Image.fromarray((heat.numpy() * 255).astype(np.uint8), "L").resize((CELL, CELL), Image.NEAREST)
         panels.append((Image.composite(glow, dark, mask), word))
     cols = min(COLUMNS, len(panels))
-    rows = math.ceil(len(panels) / cols)
-    canvas = Image.new("RGB", (cols * CELL, rows * (CELL + LABEL)), "white")
+    canvas = Image.new("RGB", (cols * CELL, math.ceil(len(panels) / cols) * (CELL + LABEL)), "white")
     draw, font = ImageDraw.Draw(canvas), ImageFont.load_default()
     for i, (panel, word) in enumerate(panels):
         x, y = (i % cols) * CELL, (i // cols) * (CELL + LABEL)
         canvas.paste(panel, (x, y))
         left = x + (CELL - draw.textlength(word, font=font)) / 2  # centred under its panel
         draw.text((left, y + CELL + 3), word, fill="black", font=font)
-    canvas.save(path + ".tmp.png")
+    canvas.save(path + ".tmp.png")  # atomic; the .png ending tells Pillow the format
     os.replace(path + ".tmp.png", path)
 
 # ----------------------------------------------------------------------------- command line
 
 
 def pick_device(name):
-    found = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
-    if name == "auto":
-        return next(d for d in ("cuda", "mps", "cpu") if found[d])
-    if not found.get(name.split(":")[0]):
-        have = ", ".join(d for d in found if found[d])
-        raise DataError(f"--device {name}: not available here (only {have})")
-    return name
+    """"auto": cuda, else mps, else cpu; a named device must be present."""
+    found = [d for d, ok in (("cuda", torch.cuda.is_available()), ("mps", torch.backends.mps.is_available()),
+                             ("cpu", True)) if ok]
+    if name != "auto" and name.split(":")[0] not in found:
+        raise DataError(f"--device {name}: not available here (only {', '.join(found)})")
+    return found[0] if name == "auto" else name
 
 
 def caption_files(args, model, tok, device):
-    """Print PATH<TAB>caption (num_samples lines) for every readable image, a batch at a time;
-    unreadable ones get an error line. Returns how many failed."""
-    failed = 0
+    """Print PATH<TAB>caption (num_samples lines) for every readable image, a batch at a time so the
+    first lines come at once; an unreadable one gets an error line instead. Returns how many failed."""
     opts = dict(strategy=args.strategy, beam_width=args.beam_width, length_penalty=args.length_penalty,
                 temperature=args.temperature, top_k=args.top_k, batch_size=args.batch_size,
                 generator=torch.Generator(device).manual_seed(args.seed) if args.seed is not None else None)
+    failed = 0
     for start in range(0, len(args.img), args.batch_size):
-        good, images = [], []
+        batch = []  # (position in --img, path, image) for the readable ones
         for i, path in enumerate(args.img[start:start + args.batch_size], start):
             try:
-                images.append(data.load_image(path, model.config.img_size))
-                good.append((i, path))
+                batch.append((i, path, data.load_image(path, model.config.img_size)))
             except DataError as e:
                 print(f"error: {e}", file=sys.stderr)
                 failed += 1
-        if not good:
+        if not batch:
             continue
-        samples = []
-        if args.attn:  # one picture per image: attn.png, or attn_1.png, attn_2.png... by position in --img
-            texts, maps = caption(model, tok, np.stack(images), return_attn=True, **opts)
-            samples.append(texts)
-            stem, ext = os.path.splitext(args.attn)
-            for (i, _), image, word_maps in zip(good, images, maps):
-                draw_attention(image, word_maps, args.attn if len(args.img) == 1 else f"{stem}_{i + 1}{ext}")
-        while len(samples) < args.num_samples:
-            samples.append(caption(model, tok, np.stack(images), **opts))
-        for j, (_, path) in enumerate(good):
+        images = np.stack([image for _, _, image in batch])  # (B, S, S, 3) uint8
+        out = caption(model, tok, images, return_attn=bool(args.attn), **opts)
+        texts, maps = out if args.attn else (out, [])  # the first sample is the one drawn: same caption
+        stem, ext = os.path.splitext(args.attn or "")
+        for (i, _, image), word_maps in zip(batch, maps):  # attn.png, or attn_1.png... by place in --img
+            draw_attention(image, word_maps, args.attn if len(args.img) == 1 else f"{stem}_{i + 1}{ext}")
+        samples = [texts] + [caption(model, tok, images, **opts) for _ in range(args.num_samples - 1)]
+        for j, (_, path, _) in enumerate(batch):
             for texts in samples:
                 print(f"{path}\t{texts[j]}", flush=True)
     return failed
 
 
 def run_eval(args, model, tok):
+    """Score a whole split; the scores go to stdout (and --json), data.prepare's log to stderr."""
     size = model.config.img_size
-    prep_dir = data.prepare(args.data, args.data_dir or data.default_data_dir(args.data), size,
-                            log=lambda m: print(m, file=sys.stderr))
-    split = data.load_split(prep_dir, args.eval, size)
-    t0 = time.time()
-    r = evaluate(model, tok, split, args.data, args.strategy, args.beam_width, args.batch_size, args.eval,
-                 length_penalty=args.length_penalty)
-    print(f"{args.data} {args.eval}: {r['n_images']} images, {args.strategy} search, "
-          f"{r['n_images'] / (time.time() - t0):.1f} captions/s")
+    prep_dir = data.prepare(args.data, args.data_dir, size, log=lambda m: print(m, file=sys.stderr),
+                            prep_dir=args.prep_dir)
+    r = evaluate(model, tok, data.load_split(prep_dir, args.eval, size), args.data, args.strategy,
+                 args.beam_width, args.batch_size, args.eval, length_penalty=args.length_penalty)
+    ms = r["ms_per_caption"]
+    print(f"{args.data} {args.eval}: {r['n_images']} images, {args.strategy} search in batches of "
+          f"{args.batch_size}: {ms:.1f} ms per caption ({1000 / ms:.1f} captions/s)")
     print("  ".join(f"BLEU-{k} {r[f'bleu{k}']:.4f}" for k in range(1, 5)) + f"  CIDEr-D {r['cider']:.4f}")
     if r["exact_match"] is not None:
         print(f"exact match {r['exact_match']:.4f}  (one-object images {r['exact_match_one'] or 0:.4f}, "
@@ -446,6 +441,8 @@ def main(argv=None):
     p.add_argument("--attn", help="write the attention picture here (attn_1.png... for several images)")
     p.add_argument("--data", choices=["flickr8k", "shapes"], default="flickr8k")
     p.add_argument("--data-dir", help="default: data/<data>")
+    p.add_argument("--prep-dir", help="where the prepared arrays are (or go); default: --data-dir (set it when "
+                   "--data-dir is read-only, e.g. ../shared/flickr8k)")
     p.add_argument("--json", help="write the scores here")
     args = p.parse_args(argv)
     if args.num_samples > 1 and args.strategy != "topk":

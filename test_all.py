@@ -1186,6 +1186,12 @@ def test_cli_eval_on_tiny_shapes_writes_json(saved, tmp_path):
     result = json.load(open(out))
     assert {"split", "n_images", "bleu1", "bleu2", "bleu3", "bleu4", "cider", "exact_match"} <= result.keys()
     assert result["split"] == "val" and result["n_images"] == 12 and 0 <= result["exact_match"] <= 1
+    assert "ms per caption" in r.stdout and result["ms_per_caption"] > 0
+    # --prep-dir: the prepared arrays live apart from --data-dir (which may be read-only, or absent)
+    r = run("--ckpt", root / "export", "--eval", "val", "--data", "shapes", "--data-dir", tmp_path / "absent",
+            "--prep-dir", tmp_path / "shapes", "--strategy", "greedy")
+    assert r.returncode == 0, r.stderr
+    assert "12 images" in r.stdout and not (tmp_path / "absent").exists()
 
 
 # ==================================================================================================

@@ -44,7 +44,7 @@ from model import VLM, Config
 # minutes, so it trains fewer epochs at a higher learning rate.
 DEFAULTS = {
     "flickr8k": dict(epochs=15, lr=3e-4, min_lr=3e-5, warmup_steps=200, eval_interval=500),
-    "shapes": dict(epochs=5, lr=1e-3, min_lr=1e-4, warmup_steps=100, eval_interval=500),
+    "shapes": dict(epochs=6, lr=2e-3, min_lr=1e-4, warmup_steps=100, eval_interval=500),
 }
 
 
@@ -56,9 +56,9 @@ def get_args(argv=None):
     p.add_argument("--prep-dir", help="where the prepared arrays go; default: --data-dir (set it when "
                    "--data-dir is read-only, e.g. ../shared/flickr8k)")
     p.add_argument("--out-dir", default="out")
-    p.add_argument("--epochs", type=int, help="default: 15 (flickr8k), 5 (shapes)")
+    p.add_argument("--epochs", type=int, help="default: 15 (flickr8k), 6 (shapes)")
     p.add_argument("--batch-size", type=int, default=64, help="per process")
-    p.add_argument("--lr", type=float, help="peak learning rate; default: 3e-4 (flickr8k), 1e-3 (shapes)")
+    p.add_argument("--lr", type=float, help="peak learning rate; default: 3e-4 (flickr8k), 2e-3 (shapes)")
     p.add_argument("--min-lr", type=float, help="default: 3e-5 (flickr8k), 1e-4 (shapes)")
     p.add_argument("--warmup-steps", type=int, help="default: 200 (flickr8k), 100 (shapes)")
     p.add_argument("--weight-decay", type=float, default=0.01)
@@ -206,28 +206,28 @@ def val_loss(model, val, images, device, autocast, max_batches=40, batch_size=64
 
 
 def plot_losses(path, train_hist, val_hist, size=(640, 400), m=48):
-    """Train (blue) and validation (red) loss against step, drawn with Pillow."""
+    """Train (blue) and validation (red) loss against step, log scale, drawn with Pillow."""
     from PIL import Image, ImageDraw
     img = Image.new("RGB", size, "white")
     d = ImageDraw.Draw(img)
-    pts = train_hist + val_hist
+    pts = [(x, math.log(max(y, 1e-6))) for x, y in train_hist + val_hist]
     if len(pts) >= 2:
-        x0, x1 = min(p[0] for p in pts), max(p[0] for p in pts) or 1
+        x0, x1 = min(p[0] for p in pts), max(p[0] for p in pts)
         y0, y1 = min(p[1] for p in pts), max(p[1] for p in pts)
         sx = lambda x: m + (x - x0) / max(x1 - x0, 1) * (size[0] - 2 * m)
-        sy = lambda y: size[1] - m - (y - y0) / max(y1 - y0, 1e-9) * (size[1] - 2 * m)
+        sy = lambda y: size[1] - m - (math.log(max(y, 1e-6)) - y0) / max(y1 - y0, 1e-9) * (size[1] - 2 * m)
         d.rectangle([m, m, size[0] - m, size[1] - m], outline="gray")
         for hist, colour in ((train_hist, "blue"), (val_hist, "red")):
             xy = [(sx(x), sy(y)) for x, y in hist]
             if len(xy) > 1:
                 d.line(xy, fill=colour, width=2)
-            for x, y in xy[-1:] if colour == "blue" else xy:
+            for x, y in xy if colour == "red" else xy[-1:]:
                 d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
         d.text((m, size[1] - m + 8), f"step {x0}", fill="black")
         d.text((size[0] - m - 80, size[1] - m + 8), f"step {x1}", fill="black")
-        d.text((4, m - 14), f"{y1:.3f}", fill="black")
-        d.text((4, size[1] - m - 4), f"{y0:.3f}", fill="black")
-    d.text((m, 12), "loss: train (blue), validation (red)", fill="black")
+        d.text((4, m - 14), f"{math.exp(y1):.3f}", fill="black")
+        d.text((4, size[1] - m - 4), f"{math.exp(y0):.3f}", fill="black")
+    d.text((m, 12), "loss (log scale): train (blue), validation (red)", fill="black")
     img.save(path + ".tmp.png")
     os.replace(path + ".tmp.png", path)
 
@@ -299,6 +299,8 @@ def train(args):
         scaler.load_state_dict(state["scaler"])
         step, best, history = state["step"], state["best_val"], state["history"]
         torch.set_rng_state(state["rng"])
+        if state.get("cuda_rng") is not None and device.startswith("cuda"):
+            torch.cuda.set_rng_state(state["cuda_rng"])
     model = torch.compile(raw_model) if args.compile else raw_model
     if world > 1:
         model = DDP(model, device_ids=[int(device.split(":")[1])] if device.startswith("cuda") else None)
@@ -318,12 +320,20 @@ def train(args):
         if full:
             obj.update(optimizer=opt.state_dict(), scaler=scaler.state_dict(), args=vars(args),
                        dtype=str(dtype)[6:], rng=torch.get_rng_state(), best_val=best, history=history,
+                       cuda_rng=torch.cuda.get_rng_state() if device.startswith("cuda") else None,
                        epoch=step // steps_per_epoch, batch_in_epoch=step % steps_per_epoch)
         save_atomic(obj, path)
 
+    def check_finite(loss, step):
+        """A diverged run stops before it can overwrite the last good checkpoint."""
+        if not math.isfinite(loss):
+            raise data.DataError(f"{ckpt_path}: loss became {loss} at step {step}; the last good "
+                                 f"checkpoint is kept (try a lower --lr or --dtype float32)")
+        return loss
+
     def evaluate():
         nonlocal best
-        loss = val_loss(raw_model, val_pairs, val_images, device, autocast)
+        loss = check_finite(val_loss(raw_model, val_pairs, val_images, device, autocast), step)
         history["val"].append((step, loss))
         log(f"step {step}: val loss {loss:.4f}")
         raw_model.eval()
@@ -360,10 +370,7 @@ def train(args):
         step, seen = step + 1, seen + len(x) * world
 
         if step % args.log_interval == 0 or step == stop_at:
-            loss_val = loss.item()  # the only per-interval sync with the device
-            if not math.isfinite(loss_val):
-                raise data.DataError(f"{ckpt_path}: loss became {loss_val} at step {step}; the last good "
-                                     f"checkpoint is kept (try a lower --lr or --dtype float32)")
+            loss_val = check_finite(loss.item(), step)  # the only per-interval sync with the device
             history["train"].append((step, loss_val))
             dt = time.time() - t0
             eta = (stop_at - step) * dt / max(1, seen / len(x) / world)
@@ -380,10 +387,11 @@ def train(args):
             log(f"\ninterrupted at step {step}, saved {ckpt_path}; continue with:\n"
                 f"  python train.py --resume --out-dir {args.out_dir}")
             return "interrupted"
-        if master and (step % args.eval_interval == 0 or step == stop_at):
-            evaluate()
-        if world > 1:
-            dist.barrier()  # the others wait while rank 0 evaluates and writes
+        if step % args.eval_interval == 0 or step == stop_at:
+            if master:
+                evaluate()
+            if world > 1:
+                dist.barrier()  # the others wait while rank 0 evaluates and writes
 
     # The end (also after --max-steps): the published layout, then scores on the validation split.
     result = None
@@ -391,9 +399,7 @@ def train(args):
         sample.save_pretrained(args.out_dir, raw_model, tok)
         result = sample.evaluate(raw_model, tok, val_split, args.data)
         log("val: " + "  ".join(f"{k} {v:.4f}" for k, v in result.items() if isinstance(v, float)))
-        with open(os.path.join(args.out_dir, "eval.json.tmp"), "w") as f:
-            json.dump(result, f, indent=1)
-        os.replace(os.path.join(args.out_dir, "eval.json.tmp"), os.path.join(args.out_dir, "eval.json"))
+        sample.atomic_write(os.path.join(args.out_dir, "eval.json"), json.dumps(result, indent=1).encode())
         log(f"wrote {args.out_dir}/: ckpt.pt best.pt model.safetensors config.json tokenizer.json eval.json")
     if world > 1:
         dist.destroy_process_group()
