@@ -90,9 +90,6 @@ def bench_tokenizer(quick):
     t_ours = best_time(lambda: bpe.Tokenizer.train(caps[:n], 259 + merges), 3)
     row(f"BPE train, first {n} captions, {merges} merges", f"{t_ours * 1000:.0f} ms",
         f"naive {t_naive * 1000:.0f} ms", f"{t_naive / t_ours:.0f}x")
-    full_naive = t_naive * (len(caps) / n) * ((tok.vocab_size - 259) / merges)
-    row("BPE train full vocabulary, naive extrapolated", f"{t_train:.2f} s", f"~{full_naive:.0f} s",
-        f"~{full_naive / t_train:.0f}x")
 
 
 # -----------------------------------------------------------------------------
