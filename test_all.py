@@ -1330,3 +1330,17 @@ def test_real_flickr8k_photos_end_to_end(tmp_path):
     assert result["n_images"] == 38 and result["exact_match"] is None  # the 38 val photos present
     model, tok = sample.load_model(str(tmp_path / "out"))
     assert tok.vocab_size == 2048 and model.config.vocab_size == 2048
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_cuda_mixed_precision_run_and_captions(shapes_dir, tmp_path, dtype):
+    """On a GPU: autocast (fp16 with its GradScaler), images kept on the device, export, captions."""
+    result = train.train(train.get_args(tiny_args(shapes_dir, tmp_path, "--device", "cuda", "--dtype", dtype,
+                                                  "--max-steps", "6")))
+    assert result["n_images"] == 16
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["dtype"] == dtype
+    model, tok = sample.load_model(str(tmp_path), "cuda")
+    split = data.load_split(str(shapes_dir), "test")
+    captions = sample.caption(model, tok, split.images[:4])  # GPU and CPU numerics may differ: no equality
+    assert len(captions) == 4 and all(isinstance(c, str) for c in captions)
