@@ -90,24 +90,6 @@ def get_args(argv=None):
 # -----------------------------------------------------------------------------
 # Device, precision and processes
 
-def setup(args):
-    """Pick the device and precision, and join the process group when run by torchrun."""
-    ddp = "RANK" in os.environ
-    rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if device == "cuda" and ddp:
-        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-        torch.cuda.set_device(device)
-    if ddp:
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    if device == "cpu":
-        keep_freed_memory()
-    dtype, why = pick_dtype(args.dtype, device.split(":")[0])
-    return device, dtype, why, rank, world
-
-
 def keep_freed_memory():
     """Ask glibc to keep freed memory for reuse instead of handing it back to the OS.
 
@@ -135,6 +117,24 @@ def pick_dtype(name, device_type):
         # Measured on a 2-core AVX512-BF16 EPYC (bench.py): 426 vs 361 images/s for a batch-64 step.
         return torch.bfloat16, "the CPU has native bf16 instructions, faster than fp32"
     return torch.float32, "no fast low precision on this device"
+
+
+def setup(args):
+    """Pick the device and precision, and join the process group when run by torchrun."""
+    ddp = "RANK" in os.environ
+    rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if device == "cuda" and ddp:
+        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+        torch.cuda.set_device(device)
+    if ddp:
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    if device == "cpu":
+        keep_freed_memory()
+    dtype, why = pick_dtype(args.dtype, device.split(":")[0])
+    return device, dtype, why, rank, world
 
 
 # -----------------------------------------------------------------------------
@@ -254,6 +254,7 @@ def load_checkpoint(path):
 # The run
 
 STOP = []  # becomes [True] on Ctrl-C (see main)
+
 
 def train(args):
     device, dtype, why, rank, world = setup(args)
