@@ -32,6 +32,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import bpe
 import data
+import sample
 import train
 from model import VLM, Config
 
@@ -204,7 +205,6 @@ def bench_preparation(quick):
 # Sampling: the command people run
 
 def bench_sampling(quick):
-    import sample
     with tempfile.TemporaryDirectory() as tmp:
         torch.manual_seed(0)
         tok = bpe.Tokenizer.train(["a red circle", "a small blue square above a large red circle"], 300)

@@ -119,13 +119,22 @@ class Split:
     captions: list  # N lists of cleaned captions
 
 
+def atomic_write(path, write):
+    """write(f) fills path.tmp (binary), then a rename: a crash never leaves a half-written file under
+    the real name. atomic_write("a.png", lambda f: image.save(f, format="PNG"))"""
+    with open(path + ".tmp", "wb") as f:
+        write(f)
+    os.replace(path + ".tmp", path)
+
+
 def _split_paths(prep_dir, split, size):
     return (os.path.join(prep_dir, f"{split}_images_{size}.npy"),
             os.path.join(prep_dir, f"{split}_captions.json"))
 
 
 def save_split(prep_dir, split, names, images, captions, size):
-    """Writes both files of a split atomically (path.tmp, then os.replace)."""
+    """Writes both files of a split atomically: both .tmp files first, then both renames, so a crash
+    never pairs new images with old captions."""
     img_path, cap_path = _split_paths(prep_dir, split, size)
     with open(img_path + ".tmp", "wb") as f:  # a file object, so np.save adds no second ".npy"
         np.save(f, np.ascontiguousarray(images, dtype=np.uint8))
@@ -471,9 +480,7 @@ def contact_sheet(split, path, n=12, cols=4):
         sheet.paste(Image.fromarray(split.images[i]).resize((224, 224), Image.NEAREST), (x + 8, y + 8))
         lines = [line for c in split.captions[i] for line in textwrap.wrap(c, 38, subsequent_indent="  ")]
         draw.multiline_text((x + 8, y + 236), "\n".join(lines[:12]), fill="black", font=font, spacing=2)
-    with open(path + ".tmp", "wb") as f:
-        sheet.save(f, format="PNG")
-    os.replace(path + ".tmp", path)
+    atomic_write(path, lambda f: sheet.save(f, format="PNG"))
 
 
 # ----------------------------------------------------------------------------- one entry point

@@ -29,7 +29,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 import data
 from bpe import Tokenizer
-from data import DataError
+from data import DataError, atomic_write
 from model import VLM, Config
 
 # ----------------------------------------------------------------------------- metrics (coco-caption)
@@ -120,13 +120,6 @@ DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 MAX_HEADER = 100 * 2 ** 20  # the real library's cap as well; our header is ~5 KB
 
 
-def atomic_write(path, blob):
-    """Write to path.tmp, then rename: a crash never leaves a half-written file under the real name."""
-    with open(path + ".tmp", "wb") as f:
-        f.write(blob)
-    os.replace(path + ".tmp", path)
-
-
 def write_safetensors(path, tensors, metadata=None):
     header, blobs, offset = {}, [], 0
     if metadata:
@@ -140,7 +133,8 @@ def write_safetensors(path, tensors, metadata=None):
         offset += len(raw)
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)  # the tensors start 8-byte aligned
-    atomic_write(path, struct.pack("<Q", len(text)) + text + b"".join(blobs))
+    blob = struct.pack("<Q", len(text)) + text + b"".join(blobs)
+    atomic_write(path, lambda f: f.write(blob))
 
 
 def read_safetensors(path):
@@ -208,8 +202,9 @@ def save_pretrained(out_dir, model, tok):
     os.makedirs(out_dir, exist_ok=True)
     write_safetensors(os.path.join(out_dir, "model.safetensors"), model.state_dict(), {"format": "pt"})
     config = {key: getattr(model.config, field) for key, field in CONFIG_KEYS.items()}
-    atomic_write(os.path.join(out_dir, "config.json"), (json.dumps(config, indent=2) + "\n").encode())
-    atomic_write(os.path.join(out_dir, "tokenizer.json"), tok.to_json().encode())
+    text = json.dumps(config, indent=2) + "\n"
+    atomic_write(os.path.join(out_dir, "config.json"), lambda f: f.write(text.encode()))
+    atomic_write(os.path.join(out_dir, "tokenizer.json"), lambda f: f.write(tok.to_json().encode()))
 
 
 def _read_checkpoint(path):
@@ -359,8 +354,7 @@ def draw_attention(image_uint8, words_maps, path):
         canvas.paste(panel, (x, y))
         left = x + (CELL - draw.textlength(word, font=font)) / 2  # centred under its panel
         draw.text((left, y + CELL + 3), word, fill="black", font=font)
-    canvas.save(path + ".tmp.png")  # atomic; the .png ending tells Pillow the format
-    os.replace(path + ".tmp.png", path)
+    atomic_write(path, lambda f: canvas.save(f, format="PNG"))
 
 # ----------------------------------------------------------------------------- command line
 
@@ -420,7 +414,7 @@ def run_eval(args, model, tok):
               f"two-object images {r['exact_match_two'] or 0:.4f})")
     if args.json:
         scores = {k: v for k, v in r.items() if k != "samples"}
-        atomic_write(args.json, (json.dumps(scores, indent=1) + "\n").encode())
+        atomic_write(args.json, lambda f: f.write((json.dumps(scores, indent=1) + "\n").encode()))
 
 
 def main(argv=None):

@@ -34,6 +34,7 @@ from dataclasses import asdict
 
 import torch
 import torch.distributed as dist
+from PIL import Image, ImageDraw
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
@@ -211,7 +212,6 @@ def val_loss(model, val, images, device, autocast, max_batches=40, batch_size=64
 
 def plot_losses(path, train_hist, val_hist, size=(640, 400), m=48):
     """Train (blue) and validation (red) loss against step, log scale, drawn with Pillow."""
-    from PIL import Image, ImageDraw
     img = Image.new("RGB", size, "white")
     d = ImageDraw.Draw(img)
     pts = [(x, math.log(max(y, 1e-6))) for x, y in train_hist + val_hist]
@@ -232,13 +232,7 @@ def plot_losses(path, train_hist, val_hist, size=(640, 400), m=48):
         d.text((4, m - 14), f"{math.exp(y1):.3f}", fill="black")
         d.text((4, size[1] - m - 4), f"{math.exp(y0):.3f}", fill="black")
     d.text((m, 12), "loss (log scale): train (blue), validation (red)", fill="black")
-    img.save(path + ".tmp.png")
-    os.replace(path + ".tmp.png", path)
-
-
-def save_atomic(obj, path):
-    torch.save(obj, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    data.atomic_write(path, lambda f: img.save(f, format="PNG"))
 
 
 def load_checkpoint(path):
@@ -327,7 +321,7 @@ def train(args):
                        dtype=str(dtype)[6:], rng=torch.get_rng_state(), best_val=best, history=history,
                        cuda_rng=torch.cuda.get_rng_state() if device.startswith("cuda") else None,
                        epoch=step // steps_per_epoch, batch_in_epoch=step % steps_per_epoch)
-        save_atomic(obj, path)
+        data.atomic_write(path, lambda f: torch.save(obj, f))
 
     def check_finite(loss, step):
         """A diverged run stops before it can overwrite the last good checkpoint."""
@@ -404,7 +398,8 @@ def train(args):
         sample.save_pretrained(args.out_dir, raw_model, tok)
         result = sample.evaluate(raw_model, tok, val_split, args.data)
         log("val: " + "  ".join(f"{k} {v:.4f}" for k, v in result.items() if isinstance(v, float)))
-        sample.atomic_write(os.path.join(args.out_dir, "eval.json"), json.dumps(result, indent=1).encode())
+        text = json.dumps(result, indent=1).encode()
+        data.atomic_write(os.path.join(args.out_dir, "eval.json"), lambda f: f.write(text))
         log(f"wrote {args.out_dir}/: ckpt.pt best.pt model.safetensors config.json tokenizer.json eval.json")
     if world > 1:
         dist.destroy_process_group()
