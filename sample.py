@@ -207,6 +207,21 @@ def save_pretrained(out_dir, model, tok):
     atomic_write(os.path.join(out_dir, "tokenizer.json"), lambda f: f.write(tok.to_json().encode()))
 
 
+def load_torch_checkpoint(path):
+    """A ckpt.pt as a dict, safely (weights_only: tensors, numbers, strings; never code). Every failure
+    is one DataError line. Also train.py's --resume reads its checkpoint with this."""
+    if not os.path.exists(path):
+        raise DataError(f"{path}: no such checkpoint file or folder")
+    with open(path, "rb") as f:
+        if f.read(4) != b"PK\x03\x04":  # torch.save writes a zip archive
+            raise DataError(f"{path}: not a PyTorch checkpoint (not a zip archive as torch.save writes)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, foreign pickle, random bytes: torch raises many kinds
+        first = str(e).split("\n")[0].split(". ")[0][:120]  # torch's messages run on for lines
+        raise DataError(f"{path}: not a readable PyTorch checkpoint ({first})")
+
+
 def _read_checkpoint(path):
     """(state dict, Config fields, the file to blame for the config, tokenizer) from either form."""
     if os.path.isdir(path):
@@ -222,16 +237,7 @@ def _read_checkpoint(path):
             raise DataError(f"{config_path}: not a SupraVL config ({type(e).__name__}: {e})")
         return (read_safetensors(os.path.join(path, "model.safetensors")), fields, config_path,
                 Tokenizer.load(os.path.join(path, "tokenizer.json")))
-    if not os.path.exists(path):
-        raise DataError(f"{path}: no such checkpoint file or folder")
-    with open(path, "rb") as f:
-        if f.read(4) != b"PK\x03\x04":  # torch.save writes a zip archive
-            raise DataError(f"{path}: not a PyTorch checkpoint (not a zip archive as torch.save writes)")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)  # never unpickles code
-    except Exception as e:  # truncated zip, foreign pickle, random bytes: torch raises many kinds
-        first = str(e).split("\n")[0].split(". ")[0][:120]  # torch's messages run on for lines
-        raise DataError(f"{path}: not a readable PyTorch checkpoint ({first})")
+    ckpt = load_torch_checkpoint(path)
     types = {"model": dict, "config": dict, "tokenizer": str}
     if not (isinstance(ckpt, dict) and all(isinstance(ckpt.get(k), t) for k, t in types.items())):
         raise DataError(f"{path}: not a SupraVL checkpoint (expects keys model, config, tokenizer)")

@@ -194,7 +194,7 @@ def make_optimizer(model, args):
 
 
 # -----------------------------------------------------------------------------
-# Evaluation, plots and checkpoints
+# Evaluation and the loss plot
 
 @torch.no_grad()
 def val_loss(model, val, images, device, autocast, max_batches=40, batch_size=64):
@@ -235,15 +235,6 @@ def plot_losses(path, train_hist, val_hist, size=(640, 400), m=48):
     data.atomic_write(path, lambda f: img.save(f, format="PNG"))
 
 
-def load_checkpoint(path):
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise data.DataError(f"{path}: no checkpoint to resume (train without --resume first)")
-    except Exception as e:
-        raise data.DataError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})")
-
-
 # -----------------------------------------------------------------------------
 # The run
 
@@ -257,7 +248,9 @@ def train(args):
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
     state = None
     if args.resume:  # the saved settings win, so that the schedule and data order are the same run's
-        state = load_checkpoint(ckpt_path)
+        if not os.path.isfile(ckpt_path):
+            raise data.DataError(f"{ckpt_path}: no checkpoint to resume (train without --resume first)")
+        state = sample.load_torch_checkpoint(ckpt_path)
         keep = {k: getattr(args, k) for k in ("resume", "max_steps", "device", "compile", "out_dir")}
         args = argparse.Namespace(**{**state["args"], **keep})
         dtype = getattr(torch, state["dtype"])
