@@ -1,15 +1,16 @@
 """
-data.py: the two datasets of SupraVL-Nano, prepared once into uint8 arrays that training reads.
+data.py: the two datasets of SupraVL-Nano, each prepared once into uint8 arrays that training reads.
 
-- Flickr8k (real photos, 5 captions each): downloaded with resume and retries, checked, safely
-  extracted, parsed, and every image decoded once (in parallel) to size x size.
-- Shapes (built in, offline): procedural images of one or two coloured shapes with 5 captions
-  that name colour, size, shape and where the two objects are relative to each other.
+- Shapes (built in, offline, the quick start's): procedural images of one or two coloured shapes, each
+  with 5 captions that name colour, size, shape and where the two objects are relative to each other.
+- Flickr8k (real photos, 5 captions each): downloaded (resumable), safely extracted, parsed, and
+  every photo decoded once, on all cores, to size x size.
 
-Both end up in the same prepared format, so training has one code path:
+Both end in the same prepared format, so training has one code path:
     {prep_dir}/{split}_images_{size}.npy   uint8 (N, size, size, 3)
     {prep_dir}/{split}_captions.json       {"names": [...], "captions": [[caption, ...], ...]}
 prep_dir defaults to data_dir; pass --prep-dir when data_dir is read-only (prepare() returns it).
+The plumbing of downloads and archives comes last, after the datasets.
 
 Left out: augmentation, cropping (images are squash-resized), any other dataset.
 
@@ -18,11 +19,11 @@ Left out: augmentation, cropping (images are squash-resized), any other dataset.
     python data.py --data flickr8k --data-dir ../shared/flickr8k --prep-dir data/flickr8k-small
 """
 import argparse
+import functools
 import json
 import os
 import re
 import shutil
-import sys
 import textwrap
 import time
 import zipfile
@@ -35,17 +36,12 @@ import requests
 import torch
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
-DEFAULT_BASE_URL = "https://github.com/jbrownlee/Datasets/releases/download/Flickr8k/"
+from common import UserError, add_data_flags, atomic_write, check_flags, cli, progress
+
 SPLITS = ("train", "val", "test")
-MEAN = (0.485, 0.456, 0.406)  # ImageNet statistics
-STD = (0.229, 0.224, 0.225)
 
 
-class DataError(Exception):
-    """A user-facing problem with a file, an archive or a URL; the message names it."""
-
-
-# ----------------------------------------------------------------------------- captions
+# ----------------------------------------------------------------------------- captions and images
 
 def clean_caption(text):
     """The one caption normaliser used everywhere.
@@ -56,12 +52,26 @@ def clean_caption(text):
     return text[:-1].rstrip() if text.endswith(".") else text
 
 
-def exact_match(hypothesis, references):
-    """True when the generated caption equals one of the references after cleaning."""
-    return clean_caption(hypothesis) in {clean_caption(r) for r in references}
+def load_image(path, size=112):
+    """Any image Pillow reads -> uint8 (size, size, 3), squash-resized (no crop), BICUBIC."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise UserError(f"{path}: no such file")
+    if os.path.isdir(path):
+        raise UserError(f"{path}: is a folder, not an image")
+    if os.path.getsize(path) == 0:
+        raise UserError(f"{path}: empty file, not an image")
+    try:
+        with Image.open(path) as im:
+            im.draft("RGB", (size, size))  # JPEG: decode at 1/2, 1/4 or 1/8 scale, several times faster
+            im = ImageOps.exif_transpose(im)  # first frame of an animation; camera rotation applied
+            im = _to_rgb(im).resize((size, size), Image.BICUBIC)
+    except Image.DecompressionBombError as e:
+        raise UserError(f"{path}: refused as a decompression bomb ({e})") from None
+    except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError... for bad files
+        raise UserError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
+    return np.asarray(im, dtype=np.uint8)
 
-
-# ----------------------------------------------------------------------------- images
 
 def _to_rgb(im):
     """Any Pillow mode -> RGB; transparency (alpha, or a palette's transparent index) is composited
@@ -76,25 +86,8 @@ def _to_rgb(im):
     return im.convert("RGB")
 
 
-def load_image(path, size=112):
-    """Any image Pillow reads -> uint8 (size, size, 3), squash-resized (no crop), BICUBIC."""
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise DataError(f"{path}: no such file")
-    if os.path.isdir(path):
-        raise DataError(f"{path}: is a folder, not an image")
-    if os.path.getsize(path) == 0:
-        raise DataError(f"{path}: empty file, not an image")
-    try:
-        with Image.open(path) as im:
-            im.draft("RGB", (size, size))  # JPEG: decode at 1/2, 1/4 or 1/8 scale, several times faster
-            im = ImageOps.exif_transpose(im)  # first frame of an animation; camera rotation applied
-            im = _to_rgb(im).resize((size, size), Image.BICUBIC)
-    except Image.DecompressionBombError as e:
-        raise DataError(f"{path}: refused as a decompression bomb ({e})") from None
-    except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError... for bad files
-        raise DataError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
-    return np.asarray(im, dtype=np.uint8)
+MEAN = (0.485, 0.456, 0.406)  # ImageNet statistics
+STD = (0.229, 0.224, 0.225)
 
 
 def normalize(images):
@@ -102,15 +95,21 @@ def normalize(images):
     if isinstance(images, np.ndarray):
         images = torch.from_numpy(images)
     if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-        raise DataError(f"normalize: expected uint8 (B, H, W, 3), got {images.dtype} {tuple(images.shape)}")
-    mean = torch.tensor(MEAN, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(STD, device=images.device).view(1, 3, 1, 1)
+        raise ValueError(f"normalize: expected uint8 (B, H, W, 3), got {images.dtype} {tuple(images.shape)}")
+    shift, scale = _shift_scale(images.device)
     # A view, not a copy: (B, H, W, 3) bytes already are the channels_last layout the conv encoder runs in.
     x = images.permute(0, 3, 1, 2)  # (B, 3, H, W)
-    return torch.addcmul(-mean / std, x.float(), 1.0 / (255.0 * std))  # (x/255 - mean)/std in one pass
+    return torch.addcmul(shift, x.float(), scale)  # (x/255 - mean)/std in one pass
 
 
-# ----------------------------------------------------------------------------- prepared format
+@functools.cache
+def _shift_scale(device):
+    """Made once per device: a tensor built from a Python list is a host-to-device copy, a sync on a GPU."""
+    mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
+    return (-mean / std).to(device), (1.0 / (255.0 * std)).to(device)
+
+
+# ----------------------------------------------------------------------------- the prepared format
 
 @dataclass
 class Split:
@@ -119,246 +118,44 @@ class Split:
     captions: list  # N lists of cleaned captions
 
 
-def atomic_write(path, write):
-    """write(f) fills path.tmp (binary), then a rename: a crash never leaves a half-written file under
-    the real name. atomic_write("a.png", lambda f: image.save(f, format="PNG"))"""
-    with open(path + ".tmp", "wb") as f:
-        write(f)
-    os.replace(path + ".tmp", path)
-
-
 def _split_paths(prep_dir, split, size):
     return (os.path.join(prep_dir, f"{split}_images_{size}.npy"),
             os.path.join(prep_dir, f"{split}_captions.json"))
 
 
 def save_split(prep_dir, split, names, images, captions, size):
-    """Writes both files of a split atomically: both .tmp files first, then both renames, so a crash
-    never pairs new images with old captions."""
+    """Writes a split's two files, each atomically; load_split notices a pair from two different runs."""
     img_path, cap_path = _split_paths(prep_dir, split, size)
-    with open(img_path + ".tmp", "wb") as f:  # a file object, so np.save adds no second ".npy"
+    with atomic_write(img_path) as f:  # a file object, so np.save adds no second ".npy"
         np.save(f, np.ascontiguousarray(images, dtype=np.uint8))
-    with open(cap_path + ".tmp", "w", encoding="utf-8") as f:
+    with atomic_write(cap_path, "w") as f:
         json.dump({"names": list(names), "captions": [list(c) for c in captions]}, f)
-    os.replace(img_path + ".tmp", img_path)
-    os.replace(cap_path + ".tmp", cap_path)
 
 
 def load_split(data_dir, split, size=112, mmap_mode=None):
-    """Reads a prepared split; raises DataError when it is missing or malformed."""
+    """Reads a prepared split; a missing or malformed one is a UserError naming the file."""
     img_path, cap_path = _split_paths(data_dir, split, size)
     for p in (img_path, cap_path):
         if not os.path.isfile(p):
-            raise DataError(f"{p}: not prepared (run python data.py --data ... first)")
+            raise UserError(f"{p}: not prepared (run python data.py --data ... first)")
     try:
         images = np.load(img_path, mmap_mode=mmap_mode, allow_pickle=False)
     except (OSError, ValueError) as e:
-        raise DataError(f"{img_path}: not a readable .npy array ({e})") from None
+        raise UserError(f"{img_path}: not a readable .npy array ({e})") from None
     if images.dtype != np.uint8 or images.shape[1:] != (size, size, 3):
-        raise DataError(f"{img_path}: expected uint8 (N, {size}, {size}, 3), got {images.dtype} {images.shape}")
+        raise UserError(f"{img_path}: expected uint8 (N, {size}, {size}, 3), got {images.dtype} {images.shape}")
     try:
         with open(cap_path, encoding="utf-8") as f:
             meta = json.load(f)
         names, captions = meta["names"], meta["captions"]
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise DataError(f"{cap_path}: not a captions file ({type(e).__name__}: {e})") from None
+        raise UserError(f"{cap_path}: not a captions file ({type(e).__name__}: {e})") from None
     if len(names) != len(images) or len(captions) != len(images):
-        raise DataError(f"{cap_path}: {len(names)} names and {len(captions)} caption lists "
+        raise UserError(f"{cap_path}: {len(names)} names and {len(captions)} caption lists "
                         f"for {len(images)} images in {img_path}")
     if not all(isinstance(c, list) and c and all(isinstance(s, str) for s in c) for c in captions):
-        raise DataError(f"{cap_path}: every image needs a non-empty list of caption strings")
+        raise UserError(f"{cap_path}: every image needs a non-empty list of caption strings")
     return Split(names, images, captions)
-
-
-# ----------------------------------------------------------------------------- download
-
-_progress_open = False  # a \r progress line is showing: an error message must start a new line
-_progress_shown = 0.0
-
-
-def _progress(text, end=False):
-    """Redraws the one status line on stderr: at most twice a second, and always the last time."""
-    global _progress_open, _progress_shown
-    if end or time.time() - _progress_shown > 0.5:
-        sys.stderr.write("\r" + text.ljust(79) + ("\n" if end else ""))
-        sys.stderr.flush()
-        _progress_open, _progress_shown = not end, time.time()
-
-
-class _Retry(Exception):
-    """A failed try that another one may fix: HTTP 5xx, a short body, a range we did not ask for."""
-
-
-def download(url, dest, retries=4, backoff=1.0, timeout=(10, 60)):
-    """Streams url to dest via dest.part, resuming with a Range request after a failure.
-    dest appears only when complete. HTTP errors and exhausted retries raise DataError."""
-    part, name = dest + ".part", os.path.basename(dest)
-    advice = "check the network, use --base-url for a mirror, or --data shapes to work offline"
-    for attempt in range(retries + 1):
-        have = os.path.getsize(part) if os.path.exists(part) else 0
-        try:
-            with requests.get(url, headers={"Range": f"bytes={have}-"} if have else {}, stream=True,
-                              timeout=timeout) as r:
-                code = r.status_code
-                if code >= 500:
-                    raise _Retry(f"HTTP {code}")
-                if code >= 400 and code != 416:
-                    raise DataError(f"{url}: HTTP {code} {r.reason}; {advice}")
-                resumed = code == 206 and r.headers.get("Content-Range", "").startswith(f"bytes {have}-")
-                if code in (206, 416) and not resumed:  # our .part is not a prefix the server knows
-                    os.remove(part)
-                    raise _Retry(f"HTTP {code} for bytes={have}-, starting over")
-                have = have if resumed else 0  # 200: the server ignored Range and sends it all, from byte 0
-                length = r.headers.get("Content-Length", "")
-                total = have + int(length) if length.isdigit() else None
-                t0 = time.time()
-                with open(part, "ab" if resumed else "wb") as f:
-                    for chunk in r.iter_content(1 << 16):
-                        f.write(chunk)
-                        speed = (f.tell() - have) / max(time.time() - t0, 1e-6)
-                        of = f"/{total / 1e6:.1f}" if total else ""
-                        eta = f"ETA {(total - f.tell()) / max(speed, 1):.0f}s" if total else ""
-                        _progress(f"  {name}: {f.tell() / 1e6:.1f}{of} MB {speed / 1e6:.2f} MB/s {eta}")
-            got = os.path.getsize(part)
-            if total is not None and got != total:
-                raise _Retry(f"got {got} of {total} bytes")
-            _progress(f"  {name}: {got / 1e6:.1f} MB downloaded", end=True)
-            os.replace(part, dest)
-            return dest
-        except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError,
-                _Retry) as e:
-            if attempt == retries:
-                why = e if isinstance(e, _Retry) else type(e).__name__
-                raise DataError(f"{url}: download failed after {retries + 1} tries ({why}); {advice}") from None
-            time.sleep(backoff * 2 ** attempt)  # 1, 2, 4, 8 s: give a flaky link time to recover
-        except requests.RequestException as e:  # a bad URL and the like: retrying will not help
-            raise DataError(f"{url}: {type(e).__name__}; {advice}") from None
-
-
-def extract_zip(path, dest_dir):
-    """Checks and extracts an archive into dest_dir. Refuses it whole if any entry is absolute or
-    has '..'; a corrupt archive (bad zip, bad CRC) is removed. __MACOSX junk is skipped."""
-    tmp = os.path.join(dest_dir, ".extract.tmp")  # nothing moves into place until all of it is out
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    try:
-        with zipfile.ZipFile(path) as zf:
-            for name in zf.namelist():  # check every entry before extracting any
-                if re.match(r"[/\\]|[A-Za-z]:", name) or ".." in re.split(r"[/\\]", name):
-                    raise DataError(f"{path}: unsafe entry {name!r} (absolute or '..'); archive refused")
-            for info in zf.infolist():
-                base = os.path.basename(info.filename.rstrip("/"))
-                if not (info.filename.startswith("__MACOSX/") or base.startswith("._") or base == ".DS_Store"):
-                    zf.extract(info, tmp)  # reading checks each entry's CRC
-        for entry in os.listdir(tmp):
-            target = os.path.join(dest_dir, entry)
-            if os.path.isdir(target):
-                shutil.rmtree(target)
-            os.replace(os.path.join(tmp, entry), target)
-    except (zipfile.BadZipFile, zlib.error, EOFError) as e:
-        os.remove(path)
-        raise DataError(f"{path}: corrupt archive ({e}); removed it, run again to download it again") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-# ----------------------------------------------------------------------------- Flickr8k
-
-SPLIT_LISTS = {"train": "Flickr_8k.trainImages.txt", "val": "Flickr_8k.devImages.txt",
-               "test": "Flickr_8k.testImages.txt"}
-TOKEN_FILE = "Flickr8k.token.txt"
-IMAGE_DIRS = ("Flicker8k_Dataset", "Flickr8k_Dataset", "images128", "Images", ".")  # first with images wins
-
-
-def parse_tokens(path):
-    """Flickr8k.token.txt -> ({image name: [cleaned captions]}, number of malformed lines).
-    '1000268201_693b08cb0e.jpg#0<TAB>A child in a pink dress .' -> '1000268201_693b08cb0e.jpg':
-    ['a child in a pink dress']. A space instead of the TAB is accepted."""
-    captions, malformed = {}, 0
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            m = re.match(r"^(\S+)#\d+\s+(.*\S)", line)
-            caption = clean_caption(m[2]) if m else ""
-            if not caption:
-                malformed += line.strip() != ""
-                continue
-            captions.setdefault(m[1], []).append(caption)
-    return captions, malformed
-
-
-def _find_image_dir(data_dir):
-    for sub in IMAGE_DIRS:
-        folder = os.path.normpath(os.path.join(data_dir, sub))
-        if os.path.isdir(folder) and any(n.lower().endswith(".jpg") for n in os.listdir(folder)):
-            return folder
-    return None
-
-
-def _decode(args):
-    """load_image in a worker process: a bad image is reported back, not raised."""
-    try:
-        return load_image(*args), None
-    except DataError as e:
-        return None, str(e)
-
-
-def decode_images(paths, size=112, workers=None, label="images"):
-    """Decodes every path once, on all cores -> (uint8 (N, S, S, 3) of the good ones, ok flags, errors)."""
-    workers = workers or os.cpu_count() or 1
-    jobs = [(p, size) for p in paths]
-    pool = ProcessPoolExecutor(workers) if workers > 1 and len(jobs) >= 64 else None
-    out, ok, errors, n, t0 = np.zeros((len(jobs), size, size, 3), np.uint8), [], [], 0, time.time()
-    try:
-        for i, (img, err) in enumerate(pool.map(_decode, jobs, chunksize=16) if pool else map(_decode, jobs), 1):
-            ok.append(img is not None)
-            if img is not None:
-                out[n], n = img, n + 1  # good images packed to the front, in order
-            else:
-                errors.append(err)
-            rate = i / (time.time() - t0)
-            _progress(f"  decoding {label}: {i}/{len(jobs)} ({rate:.0f} img/s)", end=i == len(jobs))
-    finally:
-        if pool:
-            pool.shutdown(cancel_futures=True)
-    return out[:n], ok, errors
-
-
-def prepare_flickr8k(data_dir, size=112, base_url=DEFAULT_BASE_URL, log=print, prep_dir=None):
-    """Download (if needed), extract, parse and decode Flickr8k into the prepared format."""
-    os.makedirs(data_dir, exist_ok=True)
-    token_path = os.path.join(data_dir, TOKEN_FILE)
-    for archive, extracted in (("Flickr8k_text.zip", lambda: os.path.isfile(token_path)),
-                               ("Flickr8k_Dataset.zip", lambda: _find_image_dir(data_dir))):
-        if extracted():
-            continue  # already extracted (or a folder that came without zips)
-        zip_path, url = os.path.join(data_dir, archive), base_url.rstrip("/") + "/" + archive
-        if not os.path.exists(zip_path):
-            log(f"downloading {url}")
-            download(url, zip_path)
-        log(f"extracting {zip_path}")
-        extract_zip(zip_path, data_dir)
-        if not extracted():
-            raise DataError(f"{zip_path}: does not hold the expected Flickr8k files")
-    captions, malformed = parse_tokens(token_path)
-    image_dir = _find_image_dir(data_dir)
-    log(f"{len(captions)} images with captions in {TOKEN_FILE} ({malformed} malformed lines skipped); "
-        f"images from {image_dir}")
-    for split in SPLITS:
-        list_path = os.path.join(data_dir, SPLIT_LISTS[split])
-        if not os.path.isfile(list_path):
-            raise DataError(f"{list_path}: split list not found")
-        with open(list_path, encoding="utf-8", errors="replace") as f:
-            listed = list(dict.fromkeys(line.strip() for line in f if line.strip()))  # unique, in order
-        uncaptioned = [n for n in listed if n not in captions]
-        present = [n for n in listed if n in captions and os.path.isfile(os.path.join(image_dir, n))]
-        images, ok, errors = decode_images([os.path.join(image_dir, n) for n in present], size, label=split)
-        names = [n for n, good in zip(present, ok) if good]
-        save_split(prep_dir or data_dir, split, names, images, [captions[n] for n in names], size)
-        log(f"  {split:5s}: {len(names)} of {len(listed)} listed images prepared; skipped "
-            f"{len(listed) - len(uncaptioned) - len(present)} missing, {len(errors)} unreadable, "
-            f"{len(uncaptioned)} without captions")
-        for err in errors[:3]:
-            log(f"    {err}")
 
 
 # ----------------------------------------------------------------------------- Shapes
@@ -480,33 +277,124 @@ def contact_sheet(split, path, n=12, cols=4):
         sheet.paste(Image.fromarray(split.images[i]).resize((224, 224), Image.NEAREST), (x + 8, y + 8))
         lines = [line for c in split.captions[i] for line in textwrap.wrap(c, 38, subsequent_indent="  ")]
         draw.multiline_text((x + 8, y + 236), "\n".join(lines[:12]), fill="black", font=font, spacing=2)
-    atomic_write(path, lambda f: sheet.save(f, format="PNG"))
+    with atomic_write(path) as f:
+        sheet.save(f, format="PNG")
+
+
+# ----------------------------------------------------------------------------- Flickr8k
+
+DEFAULT_BASE_URL = "https://github.com/jbrownlee/Datasets/releases/download/Flickr8k/"
+SPLIT_LISTS = {"train": "Flickr_8k.trainImages.txt", "val": "Flickr_8k.devImages.txt",
+               "test": "Flickr_8k.testImages.txt"}
+TOKEN_FILE = "Flickr8k.token.txt"
+IMAGE_DIRS = ("Flicker8k_Dataset", "Flickr8k_Dataset", "images128", "Images", ".")  # first with images wins
+
+
+def parse_tokens(path):
+    """Flickr8k.token.txt -> ({image name: [cleaned captions]}, number of malformed lines).
+    '1000268201_693b08cb0e.jpg#0<TAB>A child in a pink dress .' -> '1000268201_693b08cb0e.jpg':
+    ['a child in a pink dress']. A space instead of the TAB is accepted."""
+    captions, malformed = {}, 0
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            m = re.match(r"^(\S+)#\d+\s+(.*\S)", line)
+            caption = clean_caption(m[2]) if m else ""
+            if not caption:
+                malformed += line.strip() != ""
+                continue
+            captions.setdefault(m[1], []).append(caption)
+    return captions, malformed
+
+
+def _find_image_dir(data_dir):
+    for sub in IMAGE_DIRS:
+        folder = os.path.normpath(os.path.join(data_dir, sub))
+        if os.path.isdir(folder) and any(n.lower().endswith(".jpg") for n in os.listdir(folder)):
+            return folder
+    return None
+
+
+def _decode(args):
+    """load_image in a worker process: a bad image is reported back, not raised."""
+    try:
+        return load_image(*args), None
+    except UserError as e:
+        return None, str(e)
+
+
+def decode_images(paths, size=112, workers=None, label="images"):
+    """Decodes every path once, on all cores -> (uint8 (N, S, S, 3) of the good ones, ok flags, errors)."""
+    workers = workers or os.cpu_count() or 1
+    jobs = [(p, size) for p in paths]
+    pool = ProcessPoolExecutor(workers) if workers > 1 and len(jobs) >= 64 else None
+    out, ok, errors, n, t0 = np.zeros((len(jobs), size, size, 3), np.uint8), [], [], 0, time.time()
+    try:
+        for i, (img, err) in enumerate(pool.map(_decode, jobs, chunksize=16) if pool else map(_decode, jobs), 1):
+            ok.append(img is not None)
+            if img is not None:
+                out[n], n = img, n + 1  # good images packed to the front, in order
+            else:
+                errors.append(err)
+            rate = i / (time.time() - t0)
+            progress(f"  decoding {label}: {i}/{len(jobs)} ({rate:.0f} img/s)", end=i == len(jobs))
+    finally:
+        if pool:
+            pool.shutdown(cancel_futures=True)
+    return out[:n], ok, errors
+
+
+def prepare_flickr8k(data_dir, size=112, base_url=DEFAULT_BASE_URL, log=print, prep_dir=None):
+    """Download (if needed), extract, parse and decode Flickr8k into the prepared format."""
+    os.makedirs(data_dir, exist_ok=True)
+    token_path = os.path.join(data_dir, TOKEN_FILE)
+    for archive, extracted in (("Flickr8k_text.zip", lambda: os.path.isfile(token_path)),
+                               ("Flickr8k_Dataset.zip", lambda: _find_image_dir(data_dir))):
+        if extracted():
+            continue  # already extracted (or a folder that came without zips)
+        zip_path, url = os.path.join(data_dir, archive), base_url.rstrip("/") + "/" + archive
+        if not os.path.exists(zip_path):
+            log(f"downloading {url}")
+            download(url, zip_path)
+        log(f"extracting {zip_path}")
+        extract_zip(zip_path, data_dir)
+        if not extracted():
+            raise UserError(f"{zip_path}: does not hold the expected Flickr8k files")
+    captions, malformed = parse_tokens(token_path)
+    image_dir = _find_image_dir(data_dir)
+    log(f"{len(captions)} images with captions in {TOKEN_FILE} ({malformed} malformed lines skipped); "
+        f"images from {image_dir}")
+    for split in SPLITS:
+        list_path = os.path.join(data_dir, SPLIT_LISTS[split])
+        if not os.path.isfile(list_path):
+            raise UserError(f"{list_path}: split list not found")
+        with open(list_path, encoding="utf-8", errors="replace") as f:
+            listed = list(dict.fromkeys(line.strip() for line in f if line.strip()))  # unique, in order
+        uncaptioned = [n for n in listed if n not in captions]
+        present = [n for n in listed if n in captions and os.path.isfile(os.path.join(image_dir, n))]
+        images, ok, errors = decode_images([os.path.join(image_dir, n) for n in present], size, label=split)
+        names = [n for n, good in zip(present, ok) if good]
+        save_split(prep_dir or data_dir, split, names, images, [captions[n] for n in names], size)
+        log(f"  {split:5s}: {len(names)} of {len(listed)} listed images prepared; skipped "
+            f"{len(listed) - len(uncaptioned) - len(present)} missing, {len(errors)} unreadable, "
+            f"{len(uncaptioned)} without captions")
+        for err in errors[:3]:
+            log(f"    {err}")
 
 
 # ----------------------------------------------------------------------------- one entry point
 
-def default_data_dir(data):
-    return os.path.join("data", data)
-
-
 def prepare(data, data_dir=None, size=112, base_url=DEFAULT_BASE_URL, log=print, prep_dir=None):
-    """Makes sure all three splits of `data` are prepared; a second call only checks.
+    """Makes sure all three splits of `data` are prepared; a second call only checks them.
     Prepared files go into prep_dir (default: data_dir). Returns prep_dir, for load_split."""
     if data not in ("flickr8k", "shapes"):
-        raise DataError(f"unknown dataset {data!r} (use flickr8k or shapes)")
-    if not 8 <= size <= 1024:
-        raise DataError(f"--size {size}: use 8..1024")
-    data_dir = data_dir or default_data_dir(data)
+        raise UserError(f"unknown dataset {data!r} (use flickr8k or shapes)")
+    data_dir = data_dir or os.path.join("data", data)
     prep_dir = prep_dir or data_dir
-    if all(os.path.isfile(p) for s in SPLITS for p in _split_paths(prep_dir, s, size)):
+    try:
+        splits = [load_split(prep_dir, s, size, mmap_mode="r") for s in SPLITS]  # headers only: a check
         log(f"{data}: already prepared in {prep_dir} at {size}x{size}")
-    else:
-        try:
-            os.makedirs(prep_dir, exist_ok=True)
-        except OSError as e:
-            raise DataError(f"{prep_dir}: cannot create it ({e.strerror}); pass --prep-dir DIR") from None
-        if not os.access(prep_dir, os.W_OK) or not os.stat(prep_dir).st_mode & 0o200:  # root ignores modes
-            raise DataError(f"{prep_dir}: not writable; pass --prep-dir DIR for the prepared arrays")
+    except UserError:  # absent, or half written by a run that was killed: (re)make it
+        _check_writable(prep_dir)
         t0 = time.time()
         if data == "shapes":
             log(f"shapes: generating into {prep_dir}")
@@ -517,28 +405,112 @@ def prepare(data, data_dir=None, size=112, base_url=DEFAULT_BASE_URL, log=print,
             log(f"flickr8k: preparing {data_dir} into {prep_dir}")
             prepare_flickr8k(data_dir, size, base_url, log, prep_dir)
         log(f"{data}: prepared in {time.time() - t0:.1f}s")
-    for split in SPLITS:
-        s = load_split(prep_dir, split, size, mmap_mode="r")  # header only: a check, not a read
+        splits = [load_split(prep_dir, s, size, mmap_mode="r") for s in SPLITS]
+    for split, s in zip(SPLITS, splits):
         log(f"  {split:5s}: {len(s.names):5d} images, {sum(map(len, s.captions)):6d} captions")
     return prep_dir
 
 
+def _check_writable(prep_dir):
+    try:
+        os.makedirs(prep_dir, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{prep_dir}: cannot create it ({e.strerror}); pass --prep-dir DIR") from None
+    if not os.access(prep_dir, os.W_OK) or not os.stat(prep_dir).st_mode & 0o200:  # root ignores modes
+        raise UserError(f"{prep_dir}: not writable; pass --prep-dir DIR for the prepared arrays")
+
+
+
+
+# ----------------------------------------------------------------------------- plumbing: downloads and archives
+
+class _Retry(Exception):
+    """A failed try that another one may fix: HTTP 5xx, a short body, a range we did not ask for."""
+
+
+def download(url, dest, retries=4, backoff=1.0, timeout=(10, 60)):
+    """Streams url to dest via dest.part, resuming with a Range request after a failure.
+    dest appears only when complete. HTTP errors and exhausted retries raise UserError."""
+    part, name = dest + ".part", os.path.basename(dest)
+    advice = "check the network, use --base-url for a mirror, or --data shapes to work offline"
+    for attempt in range(retries + 1):
+        have = os.path.getsize(part) if os.path.exists(part) else 0
+        try:
+            with requests.get(url, headers={"Range": f"bytes={have}-"} if have else {}, stream=True,
+                              timeout=timeout) as r:
+                code = r.status_code
+                if code >= 500:
+                    raise _Retry(f"HTTP {code}")
+                if code >= 400 and code != 416:
+                    raise UserError(f"{url}: HTTP {code} {r.reason}; {advice}")
+                resumed = code == 206 and r.headers.get("Content-Range", "").startswith(f"bytes {have}-")
+                if code in (206, 416) and not resumed:  # our .part is not a prefix the server knows
+                    os.remove(part)
+                    raise _Retry(f"HTTP {code} for bytes={have}-, starting over")
+                have = have if resumed else 0  # 200: the server ignored Range and sends it all, from byte 0
+                length = r.headers.get("Content-Length", "")
+                total = have + int(length) if length.isdigit() else None
+                t0 = time.time()
+                with open(part, "ab" if resumed else "wb") as f:
+                    for chunk in r.iter_content(1 << 16):
+                        f.write(chunk)
+                        speed = (f.tell() - have) / max(time.time() - t0, 1e-6)
+                        of = f"/{total / 1e6:.1f}" if total else ""
+                        eta = f"ETA {(total - f.tell()) / max(speed, 1):.0f}s" if total else ""
+                        progress(f"  {name}: {f.tell() / 1e6:.1f}{of} MB {speed / 1e6:.2f} MB/s {eta}")
+            got = os.path.getsize(part)
+            if total is not None and got != total:
+                raise _Retry(f"got {got} of {total} bytes")
+            progress(f"  {name}: {got / 1e6:.1f} MB downloaded", end=True)
+            os.replace(part, dest)
+            return dest
+        except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError,
+                _Retry) as e:
+            if attempt == retries:
+                why = e if isinstance(e, _Retry) else type(e).__name__
+                raise UserError(f"{url}: download failed after {retries + 1} tries ({why}); {advice}") from None
+            time.sleep(backoff * 2 ** attempt)  # 1, 2, 4, 8 s: give a flaky link time to recover
+        except requests.RequestException as e:  # a bad URL and the like: retrying will not help
+            raise UserError(f"{url}: {type(e).__name__}; {advice}") from None
+
+
+def extract_zip(path, dest_dir):
+    """Checks and extracts an archive into dest_dir. Refuses it whole if any entry is absolute or
+    has '..'; a corrupt archive (bad zip, bad CRC) is removed. __MACOSX junk is skipped."""
+    tmp = os.path.join(dest_dir, ".extract.tmp")  # nothing moves into place until all of it is out
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        with zipfile.ZipFile(path) as zf:
+            for name in zf.namelist():  # check every entry before extracting any
+                if re.match(r"[/\\]|[A-Za-z]:", name) or ".." in re.split(r"[/\\]", name):
+                    raise UserError(f"{path}: unsafe entry {name!r} (absolute or '..'); archive refused")
+            for info in zf.infolist():
+                base = os.path.basename(info.filename.rstrip("/"))
+                if not (info.filename.startswith("__MACOSX/") or base.startswith("._") or base == ".DS_Store"):
+                    zf.extract(info, tmp)  # reading checks each entry's CRC
+        for entry in os.listdir(tmp):
+            target = os.path.join(dest_dir, entry)
+            if os.path.isdir(target):
+                shutil.rmtree(target)
+            os.replace(os.path.join(tmp, entry), target)
+    except (zipfile.BadZipFile, zlib.error, EOFError) as e:
+        os.remove(path)
+        raise UserError(f"{path}: corrupt archive ({e}); removed it, run again to download it again") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Download/generate and prepare a dataset for SupraVL-Nano.")
-    p.add_argument("--data", choices=["flickr8k", "shapes"], default="shapes")
-    p.add_argument("--data-dir", help="originals (default: data/<data>)")
-    p.add_argument("--prep-dir", help="where the prepared arrays go (default: --data-dir)")
+    add_data_flags(p, default="shapes")
     p.add_argument("--base-url", default=DEFAULT_BASE_URL, help="Flickr8k mirror holding the two zips")
     p.add_argument("--size", type=int, default=112, help="image side in pixels")
     args = p.parse_args(argv)
-    try:
-        prepare(args.data, args.data_dir, args.size, args.base_url, print, args.prep_dir)
-    except (DataError, OSError, KeyboardInterrupt) as e:
-        if isinstance(e, KeyboardInterrupt):
-            e = "interrupted (a partial download stays as .part and is resumed next time)"
-        print(("\n" if _progress_open else "") + f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    check_flags(args, [("--size", 8 <= args.size <= 1024, "8..1024 pixels"),
+                       ("--base-url", re.match(r"https?://", args.base_url), "an http:// or https:// URL")])
+    prepare(args.data, args.data_dir, args.size, args.base_url, print, args.prep_dir)
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

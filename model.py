@@ -1,22 +1,23 @@
-"""SupraVL-Nano: a ~1M-parameter image-captioning model (a tiny CNN + a tiny GPT), exact to the design card.
+"""
+model.py: SupraVL-Nano, a tiny CNN and a tiny GPT that captions images, exact to the design card.
 
-The picture is turned into n_vis=16 "visual tokens" by a small convolutional encoder; they are put in
-front of the caption's tokens and one causal GPT-2 decoder reads the whole sequence:
+The picture becomes n_vis=16 "visual tokens" by a small convolutional encoder; they are put in front
+of the caption's tokens, and one causal GPT-2 decoder reads the whole sequence:
 
     image (B,3,112,112) -> 3 x [Conv 3x3 -> BatchNorm -> GELU -> MaxPool 2] -> (B,64,14,14)
         -> AdaptiveAvgPool 4x4 -> 16 tokens x 64 -> Linear -> (B,16,128)
     [16 visual tokens, BOS, w1, w2, ...] + position embedding -> 3 pre-LN blocks -> LayerNorm
         -> lm_head (tied to tok_emb) -> next-token logits at the text positions
 
-Generation (greedy, top-k sampling, beam search) is batched over images and keeps a key/value cache,
-so each new token costs one position instead of recomputing the whole sequence. Every method can
-also return, per generated token, its attention over the visual tokens (for sample.py's picture).
+698,624 parameters with the card's 2048-token vocabulary (the tied matrix counted once).
+Generation comes twice: plainly (the whole sequence again for every token, as the card's code does),
+then batched with a key/value cache (greedy, top-k sampling, beam search), which must agree with it.
+Every cached method can also return, per generated token, its attention over the visual tokens.
 
 Left out: tokenizer (bpe.py), image loading and normalisation (data.py), training (train.py).
-It imports only torch and the standard library. Run its tests with:  python -m pytest -q tests_model.py
+It imports only torch and the standard library. Tests: python -m pytest -q test_all.py -k model
 Use it like:  model = VLM(Config()).eval(); model.generate_beam(images) -> [[ids...], ...]
 """
-
 import math
 from dataclasses import dataclass
 
@@ -36,7 +37,7 @@ class Config:
     vocab_size: int = 2048
     max_seq: int = 48  # text positions: BOS + caption tokens
     img_size: int = 112
-    dropout: float = 0.0  # off: the 1M model underfits Flickr8k rather than overfits
+    dropout: float = 0.0  # off by default (its effect on the full Flickr8k is not measured here)
     pad_id: int = 0
     bos_id: int = 1
     eos_id: int = 2
@@ -80,32 +81,6 @@ class VisualEncoder(nn.Module):
 
 
 # ----------------------------------------------------------------------------- the GPT part
-
-class KVCache:
-    """Keys and values of every layer for the positions seen so far, preallocated to the full length.
-
-    k, v: (n_layers, B, H, n_vis + max_seq, head_dim); `length` positions are filled. Writing into a
-    preallocated buffer (rather than torch.cat at every step) was measured ~equal here, and keeps the
-    beam reorder a single index_select."""
-
-    def __init__(self, cfg, batch, device, dtype):
-        shape = (cfg.n_layers, batch, cfg.n_heads, cfg.n_vis + cfg.max_seq, cfg.d_model // cfg.n_heads)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.length = 0
-
-    def add(self, layer, k, v):
-        """Store k, v (B, H, T, hd) after the filled positions; return all keys/values so far."""
-        end = self.length + k.size(2)
-        self.k[layer, :, :, self.length:end] = k
-        self.v[layer, :, :, self.length:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
-
-    def reorder(self, rows):
-        """Beam search: row i of the new cache is row rows[i] of the old one."""
-        self.k = self.k.index_select(1, rows)
-        self.v = self.v.index_select(1, rows)
-
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg):
@@ -187,11 +162,9 @@ class VLM(nn.Module):
 
     def _init_weights(self, module):
         # GPT-2 init, N(0, 0.02). PyTorch's default N(0, 1) embedding, tied to the head, makes the
-        # first logits huge (std ~sqrt(128) = 11): the softmax is then almost one-hot, its gradient is
-        # full of denormal floats, and on many CPUs the fp32 backward through the head crawls (measured
-        # on the card's machine: ~60x slower, a batch-64 step 1.1 s instead of 0.35 s; CPUs that handle
-        # denormals in hardware, like the AMD EPYC this was written on, barely notice). Small weights
-        # avoid it all, and start the loss near log(vocab_size) instead of far above it.
+        # first logits huge (std ~sqrt(128) = 11): the softmax is then almost one-hot, the loss starts
+        # far above log(vocab_size), and its gradient is full of denormal floats, which some CPUs
+        # compute very slowly (not seen on the EPYC this was measured on). Small weights avoid both.
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
         if isinstance(module, nn.Linear) and module.bias is not None:
@@ -204,13 +177,16 @@ class VLM(nn.Module):
     # ------------------------------------------------------------------------- training forward
 
     def forward(self, images, ids, targets=None):
-        """images (B,3,H,W) normalised float; ids (B,T) starting with BOS, T <= max_seq.
+        """images (N,3,H,W) normalised float; ids (B,T) starting with BOS, T <= max_seq, where B is N times
+        k: each image's k captions in a row (k = 1: one caption per image).
         Returns logits (B,T,V) for the text positions and the mean cross-entropy over targets
         (B,T) with pad_id ignored (None without targets)."""
         cfg = self.config
         if ids.size(1) > cfg.max_seq:
             raise ValueError(f"model: {ids.size(1)} text tokens exceed max_seq {cfg.max_seq}")
-        x = self._embed(self.vis_enc(images), ids, 0)  # (B, 16+T, 128)
+        vis = self.vis_enc(images)  # (N, 16, 128)
+        vis = vis.repeat_interleave(ids.size(0) // vis.size(0), dim=0)  # (B, 16, 128): k captions, one CNN pass
+        x = self._embed(vis, ids, 0)  # (B, 16+T, 128)
         for block in self.blocks:
             x, _ = block(x)
         logits = self.lm_head(self.ln_f(x[:, cfg.n_vis:]))  # (B, T, V): text positions only
@@ -227,7 +203,34 @@ class VLM(nn.Module):
         pos = torch.arange(start, start + x.size(1), device=x.device)
         return self.drop(x + self.pos_emb(pos))
 
+    # ------------------------------------------------------------------------- generation, plainly
+
+    @torch.no_grad()
+    def generate_plain(self, images, max_new=48):
+        """Greedy decoding the plain way, as the card's code does it: for every new token, the whole
+        sequence (and the CNN) runs again. Slow, but obviously right: the cached methods below must
+        give exactly its tokens (tested), and bench.py times the two."""
+        B, cfg = images.size(0), self.config
+        ids = torch.full((B, 1), cfg.bos_id, dtype=torch.long, device=images.device)  # (B, 1)
+        for _ in range(max_new):
+            logits, _ = self(images, ids)  # (B, T, V)
+            ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)  # (B, T+1)
+            if (ids == cfg.eos_id).any(1).all():
+                break
+        return self._trim(ids[:, 1:], None)
+
+    def _trim(self, toks, maps):
+        """Each row's tokens up to its first EOS, as lists (and their attention maps, if kept)."""
+        seqs, attns = [], []
+        for i, row in enumerate(toks.tolist()):
+            n = row.index(self.config.eos_id) if self.config.eos_id in row else len(row)
+            seqs.append(row[:n])
+            attns.append(maps[i, :n] if maps is not None else None)
+        return seqs if maps is None else (seqs, attns)
+
     # ------------------------------------------------------------------------- cached decoding
+    # The same result, each new token costing one position: the keys and values of every earlier
+    # position are kept (KVCache), and the images run through the CNN once.
 
     def _decode(self, x, cache, need_attn):
         """Run new positions x (B,T,C) through the blocks, extending the cache. Returns the next-token
@@ -237,7 +240,7 @@ class VLM(nn.Module):
         for i, block in enumerate(self.blocks):
             x, w = block(x, cache, i, need_attn)
             if need_attn:
-                maps.append(w[:, :, :self.config.n_vis].mean(dim=1))  # (B, n_vis)
+                maps.append(w[:, :, :self.config.n_vis].float().mean(dim=1))  # (B, n_vis)
         cache.length += x.size(1)
         logits = self.lm_head(self.ln_f(x[:, -1]))  # (B, V)
         return logits.float().log_softmax(-1), (torch.stack(maps, 1) if need_attn else None)
@@ -259,27 +262,19 @@ class VLM(nn.Module):
         return self._decode(x, cache, need_attn)
 
     def _sample_loop(self, images, max_new, pick, return_attn):
-        """Greedy / top-k: pick(logp (B,V)) -> next tokens (B,). Rows stop at EOS."""
-        eos = self.config.eos_id
+        """Greedy / top-k: pick(logp (B,V)) -> next tokens (B,), until every row has emitted EOS."""
         cache, logp, attn = self._start(images, max_new, return_attn)
-        B = images.size(0)
-        seqs, maps = [[] for _ in range(B)], [[] for _ in range(B)]
-        done = [False] * B
+        toks, maps = [], []
+        done = torch.zeros(images.size(0), dtype=torch.bool, device=images.device)
         for t in range(max_new):
             tok = pick(logp)  # (B,)
-            for i, k in enumerate(tok.tolist()):
-                done[i] = done[i] or k == eos
-                if not done[i]:
-                    seqs[i].append(k)
-                    if return_attn:
-                        maps[i].append(attn[i].float().cpu())
-            if all(done) or t == max_new - 1:  # the last token is never fed back
+            toks.append(tok)
+            maps.append(attn)  # the attention of the position that chose tok
+            done |= tok == self.config.eos_id
+            if t == max_new - 1 or done.all():  # the last token is never fed back
                 break
             logp, attn = self._step(tok, cache, return_attn)
-        if not return_attn:
-            return seqs
-        empty = torch.zeros(0, self.config.n_layers, self.config.n_vis)  # nothing before EOS
-        return seqs, [torch.stack(m) if m else empty for m in maps]
+        return self._trim(torch.stack(toks, 1), torch.stack(maps, 1) if return_attn else None)
 
     @torch.no_grad()
     def generate_greedy(self, images, max_new=48, return_attn=False):
@@ -299,64 +294,112 @@ class VLM(nn.Module):
 
     @torch.no_grad()
     def generate_beam(self, images, beam_width=3, max_new=48, length_penalty=0.0, return_attn=False):
-        """Beam search; the beams of all images run as one batch of B*W rows.
-
-        A hypothesis ending in EOS is set aside with score sum(log p) / len**length_penalty
-        (len counts the EOS; length_penalty 0 = summed log-probability). An image is done as soon as
-        no live beam can still beat its best finished one; at max_new the live beams join the
-        candidates, so an image whose beams never emit EOS still gets its best unfinished one."""
-        cfg, W, V = self.config, beam_width, self.config.vocab_size
-        B, dev = images.size(0), images.device
+        """Beam search; the beams of all images run as one batch of B*W rows (see Beams).
+        Returns what generate_greedy returns: per image its best hypothesis."""
+        B, W = images.size(0), beam_width
         cache, logp, attn = self._start(images, max_new, return_attn)
-        rows = torch.arange(B, device=dev).repeat_interleave(W)  # every image's row, W times
+        rows = torch.arange(B, device=images.device).repeat_interleave(W)  # every image's row, W times
         cache.reorder(rows)
-        logp = logp[rows]  # (B*W, V)
-        # only beam 0 is real at the start; the others would duplicate it
-        score = torch.full((B, W), float("-inf"), device=dev)
-        score[:, 0] = 0.0
-        toks = torch.zeros(B * W, 0, dtype=torch.long, device=dev)  # live beams' tokens so far
-        maps = torch.zeros(B * W, 0, cfg.n_layers, cfg.n_vis) if return_attn else None
-        if return_attn:
-            attn = attn[rows]
-        finished = [[] for _ in range(B)]  # per image: (score, tokens, maps)
-        done = [False] * B
-
+        logp, attn = logp[rows], (attn[rows] if return_attn else None)  # (B*W, V), (B*W, L, n_vis)
+        maps = (self.config.n_layers, self.config.n_vis) if return_attn else None
+        beams = Beams(B, W, max_new, length_penalty, self.config.eos_id, images.device, maps)
         for t in range(max_new):
-            cand = (score.view(B * W, 1) + logp).view(B, W * V)  # (B, W*V) summed log-probs
-            top, idx = cand.topk(2 * W, dim=1)  # 2W: at most W of them end in EOS
-            beam, tok = idx // V, idx % V  # (B, 2W)
-            is_eos = tok == cfg.eos_id
-            # set aside EOS candidates ranked in the top W (lower ones would not have made the beam)
-            for b, j in is_eos[:, :W].nonzero().tolist():
-                if not done[b]:  # (the EOS step's map belongs to no caption token: not kept)
-                    r = b * W + beam[b, j].item()
-                    s = top[b, j].item() / (t + 1) ** length_penalty
-                    finished[b].append((s, toks[r].tolist(), maps[r] if return_attn else None))
-            # the best W non-EOS candidates continue (a stable sort keeps their rank order)
-            order = is_eos.float().argsort(dim=1, stable=True)[:, :W]  # (B, W)
-            score = top.gather(1, order)
-            src = (beam.gather(1, order) + torch.arange(B, device=dev)[:, None] * W).flatten()  # (B*W,)
-            new_tok = tok.gather(1, order).flatten()  # (B*W,)
-            toks = torch.cat([toks[src], new_tok[:, None]], dim=1)
-            if return_attn:
-                maps = torch.cat([maps[src], attn[src].float().cpu()[:, None]], dim=1)
-            # a live beam's sum only falls; with a length bonus it may still gain up to max_new
-            bound = (score[:, 0] / (max_new if length_penalty > 0 else 1) ** length_penalty).tolist()
-            for b in range(B):
-                done[b] = done[b] or bool(finished[b]) and bound[b] <= max(h[0] for h in finished[b])
-            if all(done) or t == max_new - 1:
+            src, tok = beams.extend(logp, attn, t)  # (B*W,) each: the rows they extend, the new tokens
+            if all(beams.done) or t == max_new - 1:
                 break
             cache.reorder(src)
-            logp, attn = self._step(new_tok, cache, return_attn)
+            logp, attn = self._step(tok, cache, return_attn)
+        return beams.best()
 
-        seqs, attns = [], []
-        for b in range(B):
-            if not done[b]:  # max_new reached: live beams compete too (never-EOS captions included)
-                for w in range(W):
-                    r = b * W + w
-                    s = (score[b, w] / max_new ** length_penalty).item()
-                    finished[b].append((s, toks[r].tolist(), maps[r] if return_attn else None))
-            best = max(finished[b], key=lambda h: h[0])
-            seqs.append(best[1])
-            attns.append(best[2])
-        return (seqs, attns) if return_attn else seqs
+
+class KVCache:
+    """Keys and values of every layer for the positions seen so far, preallocated to the full length.
+
+    k, v: (n_layers, B, H, n_vis + max_seq, head_dim); `length` positions are filled. Writing into a
+    preallocated buffer (rather than torch.cat at every step) was measured ~equal here, and keeps the
+    beam reorder a single index_select."""
+
+    def __init__(self, cfg, batch, device, dtype):
+        shape = (cfg.n_layers, batch, cfg.n_heads, cfg.n_vis + cfg.max_seq, cfg.d_model // cfg.n_heads)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0
+
+    def add(self, layer, k, v):
+        """Store k, v (B, H, T, hd) after the filled positions; return all keys/values so far."""
+        end = self.length + k.size(2)
+        self.k[layer, :, :, self.length:end] = k
+        self.v[layer, :, :, self.length:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def reorder(self, rows):
+        """Beam search: row i of the new cache is row rows[i] of the old one."""
+        self.k = self.k.index_select(1, rows)
+        self.v = self.v.index_select(1, rows)
+
+
+class Beams:
+    """The bookkeeping of beam search for B images x W beams. Live hypotheses: their summed
+    log-probabilities `score` (B, W), tokens (B*W, t) and attention maps, all on the device.
+    A hypothesis ending in EOS is set aside with score sum(log p) / len**length_penalty (len counts the
+    EOS; length_penalty 0 = summed log-probability). An image is done as soon as no live beam can still
+    beat its best finished one; at max_new the live beams join the candidates, so an image whose beams
+    never emit EOS still gets its best unfinished one."""
+
+    def __init__(self, B, W, max_new, length_penalty, eos_id, device, map_shape=None):
+        self.W, self.max_new, self.lp, self.eos_id = W, max_new, length_penalty, eos_id
+        self.score = torch.full((B, W), float("-inf"), device=device)
+        self.score[:, 0] = 0.0  # only beam 0 is real at the start; the others would duplicate it
+        self.toks = torch.zeros(B * W, 0, dtype=torch.long, device=device)
+        self.maps = None if map_shape is None else []  # per step (B*W, *map_shape), reordered with the beams
+        self.no_maps = None if map_shape is None else torch.zeros(0, *map_shape, device=device)
+        self.finished = [[] for _ in range(B)]  # per image: (score, tokens, maps)
+        self.done = [False] * B
+
+    def extend(self, logp, attn, t):
+        """Extend every live beam by the best tokens; returns (source rows, new tokens), both (B*W,)."""
+        B, W, V = self.score.size(0), self.W, logp.size(-1)
+        cand = (self.score.view(B * W, 1) + logp).view(B, W * V)  # (B, W*V) summed log-probs
+        top, idx = cand.topk(2 * W, dim=1)  # 2W: at most W of them end in EOS
+        beam, tok = idx // V, idx % V  # (B, 2W)
+        is_eos = tok == self.eos_id
+        self._set_aside(top, beam, is_eos, t)
+        order = is_eos.float().argsort(dim=1, stable=True)[:, :W]  # the best W non-EOS, in rank order
+        self.score = top.gather(1, order)  # (B, W)
+        src = (beam.gather(1, order) + W * torch.arange(B, device=beam.device)[:, None]).flatten()
+        new = tok.gather(1, order).flatten()  # (B*W,)
+        self.toks = torch.cat([self.toks[src], new[:, None]], dim=1)
+        if self.maps is not None:
+            self.maps = [m[src] for m in self.maps] + [attn[src]]
+        self._check_done()
+        return src, new
+
+    def _set_aside(self, top, beam, is_eos, t):
+        """EOS candidates ranked in the top W end their hypothesis (lower ones would not make the beam)."""
+        for b, j in is_eos[:, :self.W].nonzero().tolist():
+            if not self.done[b]:  # (the EOS step's map belongs to no caption token: not kept)
+                r = b * self.W + beam[b, j].item()
+                self._finish(b, top[b, j].item() / (t + 1) ** self.lp, r)
+
+    def _finish(self, b, score, row):
+        maps = None
+        if self.maps is not None:  # (t, n_layers, n_vis); t = 0 when EOS came first
+            maps = torch.stack([m[row] for m in self.maps]) if self.maps else self.no_maps
+        self.finished[b].append((score, self.toks[row].tolist(), maps))
+
+    def _check_done(self):
+        # a live beam's sum only falls; with a length bonus it may still gain up to max_new
+        bound = (self.score[:, 0] / (self.max_new if self.lp > 0 else 1) ** self.lp).tolist()
+        for b, hyps in enumerate(self.finished):
+            self.done[b] = self.done[b] or bool(hyps) and bound[b] <= max(h[0] for h in hyps)
+
+    def best(self):
+        """Per image its best hypothesis: (seqs, attns) when maps were kept, else seqs."""
+        final = (self.score / self.max_new ** self.lp).tolist()
+        for b in range(len(self.finished)):
+            if not self.done[b]:  # max_new reached: live beams compete too (never-EOS captions included)
+                for w in range(self.W):
+                    self._finish(b, final[b][w], b * self.W + w)
+        best = [max(hyps, key=lambda h: h[0]) for hyps in self.finished]
+        seqs = [h[1] for h in best]
+        return seqs if self.maps is None else (seqs, [h[2] for h in best])

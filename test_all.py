@@ -19,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 import zipfile
 import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -29,11 +30,13 @@ import pytest
 import torch
 from PIL import Image
 
+import common
 import data
 import sample
+import scores
 import train
 from bpe import SPECIALS, Tokenizer
-from data import DataError
+from common import UserError
 from model import Config, VLM
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -662,7 +665,7 @@ def test_prepare_from_folder_without_zips_into_prep_dir(tmp_path):
         (src / "images128" / n).write_bytes(jpeg_bytes((9, 9, 9), (128, 128)))
     os.chmod(src, 0o555)
     try:
-        with pytest.raises(DataError, match="not writable"):
+        with pytest.raises(UserError, match="not writable"):
             data.prepare("flickr8k", str(src), size=16, base_url="http://127.0.0.1:9/", log=lambda s: None)
         out = data.prepare("flickr8k", str(src), size=16, log=lambda s: None, prep_dir=str(tmp_path / "prep"))
     finally:
@@ -694,7 +697,7 @@ def test_download_restarts_when_the_server_ignores_range(tmp_path, server_factor
 
 def test_http_404_names_the_url_and_cli_exits_2(tmp_path, server_factory):
     _, url, _ = server_factory({})
-    with pytest.raises(DataError, match=re.escape(url + "x.zip") + ".*404.*--base-url"):
+    with pytest.raises(UserError, match=re.escape(url + "x.zip") + ".*404.*--base-url"):
         data.download(url + "x.zip", str(tmp_path / "x.zip"))
     r = subprocess.run([sys.executable, os.path.join(HERE, "data.py"), "--data", "flickr8k",
                         "--data-dir", str(tmp_path / "d"), "--base-url", url],
@@ -712,11 +715,11 @@ def test_corrupt_archive_is_named_and_removed(tmp_path, server_factory):
     zips["Flickr8k_text.zip"] = bytes(raw)
     _, url, _ = server_factory(zips)
     d = tmp_path / "f8"
-    with pytest.raises(DataError, match="Flickr8k_text.zip: corrupt archive"):
+    with pytest.raises(UserError, match="Flickr8k_text.zip: corrupt archive"):
         data.prepare("flickr8k", str(d), size=16, base_url=url, log=lambda s: None)
     assert not (d / "Flickr8k_text.zip").exists() and not (d / "Flickr8k.token.txt").exists()
     (d / "not_a.zip").write_bytes(b"PK but not really a zip")
-    with pytest.raises(DataError, match="not_a.zip: corrupt archive"):
+    with pytest.raises(UserError, match="not_a.zip: corrupt archive"):
         data.extract_zip(str(d / "not_a.zip"), str(d))
     assert not (d / "not_a.zip").exists()
 
@@ -729,7 +732,7 @@ def test_unsafe_archive_is_refused_whole(tmp_path, evil):
         zf.writestr("fine.txt", "fine")
         zf.writestr(zipfile.ZipInfo(evil), "evil")
     assert evil in zipfile.ZipFile(d / "a.zip").namelist()
-    with pytest.raises(DataError, match="unsafe entry"):
+    with pytest.raises(UserError, match="unsafe entry"):
         data.extract_zip(str(d / "a.zip"), str(d))
     assert sorted(os.listdir(d)) == ["a.zip"] and sorted(os.listdir(tmp_path)) == ["d"]
 
@@ -737,8 +740,8 @@ def test_unsafe_archive_is_refused_whole(tmp_path, evil):
 def test_clean_caption_and_exact_match():
     assert data.clean_caption("  A Dog\truns  in the PARK . ") == "a dog runs in the park"
     assert data.clean_caption("Two dogs.") == "two dogs" and data.clean_caption(" . ") == ""
-    assert data.exact_match("A small red circle .", ["a large red circle", "a small red circle"])
-    assert not data.exact_match("a small red circle above", ["a small red circle"])
+    assert scores.exact_match("A small red circle .", ["a large red circle", "a small red circle"])
+    assert not scores.exact_match("a small red circle above", ["a small red circle"])
 
 
 def test_parse_tokens_counts_malformed_lines(tmp_path):
@@ -767,7 +770,7 @@ def test_shapes_deterministic_disjoint_five_captions(tmp_path):
     assert not (flat["train"] & flat["val"]) and not (flat["train"] & flat["test"]) and not (flat["val"] & flat["test"])
     for caps in splits["train"].captions:
         assert len(caps) == 5 == len(set(caps)) and all(c == data.clean_caption(c) for c in caps)
-    assert data.exact_match(splits["val"].captions[0][2], splits["val"].captions[0])
+    assert scores.exact_match(splits["val"].captions[0][2], splits["val"].captions[0])
     data.contact_sheet(splits["val"], str(tmp_path / "sheet.png"))
     assert Image.open(tmp_path / "sheet.png").size == (960, 3 * 408)
 
@@ -855,11 +858,11 @@ def test_load_image_errors_name_the_file(tmp_path, monkeypatch):
              "text.jpg": "not a readable image", "trunc.jpg": "not a readable image"}
     for name, why in cases.items():
         path = str(tmp_path / name)
-        with pytest.raises(DataError, match=re.escape(path) + ".*" + why):
+        with pytest.raises(UserError, match=re.escape(path) + ".*" + why):
             data.load_image(path)
     save(Image.new("RGB", (100, 100)), tmp_path / "bomb.png")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 100x100 is then over twice the limit
-    with pytest.raises(DataError, match="bomb.png: refused as a decompression bomb"):
+    with pytest.raises(UserError, match="bomb.png: refused as a decompression bomb"):
         data.load_image(tmp_path / "bomb.png")
 
 
@@ -882,21 +885,21 @@ def test_normalize_shape_dtype_values():
     assert torch.allclose(y[0, 0], torch.full((4, 5), -0.485 / 0.229))
     assert torch.allclose(y[1, 0], torch.full((4, 5), (1 - 0.485) / 0.229))
     assert torch.allclose(y[1, 2], torch.full((4, 5), -0.406 / 0.225))
-    with pytest.raises(DataError):
+    with pytest.raises(ValueError):
         data.normalize(x.float())
 
 
 def test_load_split_errors(tmp_path):
-    with pytest.raises(DataError, match="not prepared"):
+    with pytest.raises(UserError, match="not prepared"):
         data.load_split(str(tmp_path), "train")
     data.save_split(str(tmp_path), "train", ["a", "b"], np.zeros((2, 8, 8, 3), np.uint8), [["x"], ["y"]], 8)
     assert data.load_split(str(tmp_path), "train", 8).names == ["a", "b"]
     with open(tmp_path / "train_captions.json", "w") as f:
         json.dump({"names": ["a"], "captions": [["x"]]}, f)
-    with pytest.raises(DataError, match="1 names"):
+    with pytest.raises(UserError, match="1 names"):
         data.load_split(str(tmp_path), "train", 8)
     (tmp_path / "train_images_8.npy").write_bytes(b"junk")
-    with pytest.raises(DataError, match="train_images_8.npy: not a readable"):
+    with pytest.raises(UserError, match="train_images_8.npy: not a readable"):
         data.load_split(str(tmp_path), "train", 8)
 
 
@@ -915,7 +918,7 @@ def test_bleu_hand_worked_corpus():
     #   3-grams a_dog_runs dog_runs_on: 2/3; 4-grams a_dog_runs_on: 1/2
     # image 2: 2 words, ref 3 words; 1-grams 2/2; 2-gram a_cat: 0/1
     # corpus: matches [7, 3, 2, 1] of [7, 5, 3, 2]; lengths 7 vs 4 + 3 = 7 -> no brevity penalty
-    b1, b2, b3, b4 = sample.bleu(refs, hyps)
+    b1, b2, b3, b4 = scores.bleu(refs, hyps)
     assert b1 == pytest.approx(1.0, rel=1e-6)
     assert b2 == pytest.approx(math.sqrt(3 / 5), rel=1e-6)  # 0.7746
     assert b3 == pytest.approx((3 / 5 * 2 / 3) ** (1 / 3), rel=1e-6)  # 0.7368
@@ -926,13 +929,13 @@ def test_bleu_brevity_penalty_and_coco_smoothing():
     # "a dog" against "a dog runs fast": 1- and 2-grams all match, ratio 2/4 -> BP = e^(1 - 4/2) = e^-1.
     # No 3- or 4-grams at all: coco's (0 + 1e-15) / (0 + 1e-9) = 1e-6 each, so
     # BLEU-3 = (1 * 1 * 1e-6)^(1/3) e^-1 = 0.01/e and BLEU-4 = (1e-12)^(1/4) e^-1 = 0.001/e.
-    b = sample.bleu([["a dog runs fast"]], ["a dog"])
+    b = scores.bleu([["a dog runs fast"]], ["a dog"])
     assert b == pytest.approx([1 / math.e, 1 / math.e, 0.01 / math.e, 0.001 / math.e], rel=1e-6)
 
 
 def test_bleu_clips_repeated_words():
     # "the the the the" vs "the cat": "the" is counted at most once -> 1/4; 4 words vs 2: no penalty
-    assert sample.bleu([["the cat"]], ["the the the the"])[0] == pytest.approx(0.25, rel=1e-6)
+    assert scores.bleu([["the cat"]], ["the the the the"])[0] == pytest.approx(0.25, rel=1e-6)
 
 # ----------------------------------------------------------------------------- CIDEr-D
 
@@ -941,11 +944,11 @@ def test_cider_identical_two_word_captions():
     # 2 images; "a" is in both (df 2): idf log2 - log2 = 0; dog, cat and the bigrams: idf log 2.
     # 1-gram and 2-gram cosines are 1, there are no 3-/4-grams (0), same length:
     # 10 * mean(1, 1, 0, 0) = 5 for each image.
-    assert sample.cider([["a dog"], ["a cat"]], ["a dog", "a cat"]) == pytest.approx(5.0)
+    assert scores.cider([["a dog"], ["a cat"]], ["a dog", "a cat"]) == pytest.approx(5.0)
 
 
 def test_cider_single_image_is_zero():
-    assert sample.cider([["a red circle"]], ["a red circle"]) == 0.0  # idf = log(1) - log(1) = 0
+    assert scores.cider([["a red circle"]], ["a red circle"]) == 0.0  # idf = log(1) - log(1) = 0
 
 
 def test_cider_hand_worked_clipping_length_and_unseen_ngrams():
@@ -967,7 +970,7 @@ def test_cider_hand_worked_clipping_length_and_unseen_ngrams():
     img3 = 10 * (L * L / (math.sqrt(u * u + L * L) * math.sqrt(2) * L)) / 4  # only "bird" matches
     expected = (img1 + img2 + img3) / 3
     assert expected == pytest.approx(3.0930, abs=1e-4)
-    assert sample.cider(refs, hyps) == pytest.approx(expected, rel=1e-9)
+    assert scores.cider(refs, hyps) == pytest.approx(expected, rel=1e-9)
 
 # ----------------------------------------------------------------------------- safetensors
 
@@ -983,11 +986,11 @@ def example_tensors():
 def test_safetensors_round_trip_and_alignment(tmp_path):
     path = str(tmp_path / "t.safetensors")
     tensors = example_tensors()
-    sample.write_safetensors(path, tensors, metadata={"format": "pt"})
+    common.write_safetensors(path, tensors, metadata={"format": "pt"})
     blob = open(path, "rb").read()
     (n,) = struct.unpack("<Q", blob[:8])
     assert n % 8 == 0 and json.loads(blob[8:8 + n])["__metadata__"] == {"format": "pt"}
-    back = sample.read_safetensors(path)
+    back = common.read_safetensors(path)
     assert back.keys() == tensors.keys()
     for k, t in tensors.items():
         assert back[k].dtype == t.dtype and back[k].shape == t.shape and torch.equal(back[k], t)
@@ -997,11 +1000,11 @@ def test_safetensors_interop_with_the_real_library(tmp_path):
     st = pytest.importorskip("safetensors.torch")
     ours, theirs = str(tmp_path / "ours.safetensors"), str(tmp_path / "theirs.safetensors")
     tensors = example_tensors()
-    sample.write_safetensors(ours, tensors, metadata={"format": "pt"})
+    common.write_safetensors(ours, tensors, metadata={"format": "pt"})
     loaded = st.load_file(ours)
     assert all(torch.equal(loaded[k], t) and loaded[k].dtype == t.dtype for k, t in tensors.items())
     st.save_file(tensors, theirs, metadata={"format": "pt"})
-    loaded = sample.read_safetensors(theirs)
+    loaded = common.read_safetensors(theirs)
     assert all(torch.equal(loaded[k], t) and loaded[k].dtype == t.dtype for k, t in tensors.items())
 
 
@@ -1027,8 +1030,8 @@ def craft(path, header, payload=b"", length=None):
 ])
 def test_safetensors_reader_refuses(tmp_path, header, payload, length, why):
     path = craft(tmp_path / "bad.safetensors", header, payload, length)
-    with pytest.raises(data.DataError, match=why) as e:
-        sample.read_safetensors(path)
+    with pytest.raises(UserError, match=why) as e:
+        common.read_safetensors(path)
     assert path in str(e.value)
 
 # ----------------------------------------------------------------------------- a tiny model, saved both ways
@@ -1047,18 +1050,18 @@ def saved(tmp_path_factory):
     model = VLM(cfg).eval()
     ckpt = str(root / "ckpt.pt")
     torch.save({"model": model.state_dict(), "config": vars(cfg), "tokenizer": tok.to_json(), "step": 0}, ckpt)
-    sample.save_pretrained(str(root / "export"), model, tok)
+    common.save_pretrained(str(root / "export"), model, tok)
     return root, model, tok
 
 
 def test_load_model_both_forms_agree(saved):
     root, model, tok = saved
-    (m1, t1), (m2, t2) = (sample.load_model(str(root / p)) for p in ("ckpt.pt", "export"))
+    (m1, t1), (m2, t2) = (common.load_model(str(root / p)) for p in ("ckpt.pt", "export"))
     assert not m1.training and m1.config == m2.config == model.config
     for k, v in model.state_dict().items():
         assert torch.equal(m1.state_dict()[k], v) and torch.equal(m2.state_dict()[k], v)
     images = np.random.default_rng(0).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
-    assert sample.caption(m1, t1, images, "greedy") == sample.caption(m2, t2, images, "greedy", batch_size=2)
+    assert scores.caption(m1, t1, images, "greedy") == scores.caption(m2, t2, images, "greedy", batch_size=2)
     published = json.load(open(root / "export" / "config.json"))
     assert published["D_MODEL"] == 32 and published["N_VIS"] == 16 and published["VOCAB_SIZE"] == tok.vocab_size
 
@@ -1066,9 +1069,9 @@ def test_load_model_both_forms_agree(saved):
 def test_caption_with_attention_gives_a_map_per_word(saved):
     _, model, tok = saved
     images = np.random.default_rng(1).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
-    texts, maps = sample.caption(model, tok, images, "topk", generator=torch.Generator().manual_seed(0),
-                                 return_attn=True)
-    for text, words in zip(texts, maps):
+    texts, ids, attns = scores.caption(model, tok, images, "topk", generator=torch.Generator().manual_seed(0),
+                                       return_attn=True)
+    for text, words in zip(texts, [sample.word_attention(tok, s, a) for s, a in zip(ids, attns)]):
         assert [w for w, _ in words] == text.split()
         assert all(m.shape == (16,) and m.sum() <= 1 + 1e-5 for _, m in words)
 
@@ -1090,19 +1093,75 @@ def test_load_model_refuses_bad_checkpoints(saved, tmp_path):
     expect = {"truncated.pt": "not a readable", "foreign.pt": "not a zip archive", "other.pt": "not a SupraVL",
               "keys.pt": "missing weights: ln_f.weight", "shapes.pt": "wrong shapes", "nothing.pt": "no such"}
     for name, why in expect.items():
-        with pytest.raises(data.DataError, match=why):
-            sample.load_model(str(tmp_path / name))
+        with pytest.raises(UserError, match=why):
+            common.load_model(str(tmp_path / name))
     (tmp_path / "folder").mkdir()
-    with pytest.raises(data.DataError, match="no model.safetensors"):
-        sample.load_model(str(tmp_path / "folder"))
+    with pytest.raises(UserError, match="no model.safetensors"):
+        common.load_model(str(tmp_path / "folder"))
     huge = tmp_path / "huge"  # a published folder whose config.json claims a giant model
     huge.mkdir()
     for name in ("model.safetensors", "tokenizer.json"):
         (huge / name).write_bytes((root / "export" / name).read_bytes())
     published = json.load(open(root / "export" / "config.json"))
     (huge / "config.json").write_text(json.dumps(dict(published, D_MODEL=10 ** 6)))
-    with pytest.raises(data.DataError, match="bigger model than"):
-        sample.load_model(str(huge))
+    with pytest.raises(UserError, match="bigger model than"):
+        common.load_model(str(huge))
+
+def published_folder(path, model, tok, weights, **config):
+    """A folder as the published SupraVL-Nano-900k could be: config.json with the nine keys only."""
+    path.mkdir()
+    nine = {"D_MODEL": 32, "N_HEADS": 2, "N_LAYERS": 2, "D_FF": 64, "VIS_CH": 16, "N_VIS": 16,
+            "VOCAB_SIZE": tok.vocab_size, "MAX_SEQ": 10, "IMG_SIZE": 32}
+    (path / "config.json").write_text(json.dumps(nine | config))
+    tok.save(str(path / "tokenizer.json"))
+    if isinstance(weights, dict):
+        common.write_safetensors(str(path / "model.safetensors"), weights)
+    else:
+        torch.save(weights[0], path / "model.pt")
+    return str(path)
+
+
+def test_the_published_folder_loads_in_every_form(saved, tmp_path, capsys):
+    root, model, tok = saved
+    want = model.state_dict()
+    no_head = {k: v for k, v in want.items() if k != "lm_head.weight"}  # tied: it may be stored once
+    masks = {f"blocks.{i}.attn.mask": torch.ones(1, 1, 26, 26).tril() for i in range(2)}  # the seed's buffers
+    opt = torch.optim.AdamW(model.parameters())
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, 10)
+    seed_pt = {"model_state_dict": want | masks, "optimizer_state_dict": opt.state_dict(),
+               "scheduler_state_dict": sched.state_dict(), "epoch": 14, "val_loss": 3.2}
+    forms = {"safetensors, head stored once": published_folder(tmp_path / "a", model, tok, no_head),
+             "model.pt with optimizer, scheduler, masks": published_folder(tmp_path / "b", model, tok, [seed_pt]),
+             "model.pt, the weights alone": published_folder(tmp_path / "c", model, tok, [no_head])}
+    images = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    expected = scores.caption(model, tok, images, "greedy")
+    for form, folder in forms.items():
+        loaded, t = common.load_model(folder)
+        assert all(torch.equal(loaded.state_dict()[k], v) for k, v in want.items()), form
+        assert (loaded.config.bos_id, loaded.config.eos_id, loaded.config.pad_id) == (1, 2, 0)  # the tokenizer's
+        assert scores.caption(loaded, t, images, "greedy") == expected, form
+    assert capsys.readouterr().err == ""
+    # ids in config.json win over the tokenizer's; a different lm_head is overruled by tok_emb, said once
+    other_head = want | {"lm_head.weight": torch.randn_like(want["tok_emb.weight"])}
+    folder = published_folder(tmp_path / "d", model, tok, other_head, bos_token_id=5, EOS_ID=6, unknown_key=1)
+    loaded, _ = common.load_model(folder)
+    assert (loaded.config.bos_id, loaded.config.eos_id, loaded.config.pad_id) == (5, 6, 0)
+    assert torch.equal(loaded.lm_head.weight, want["tok_emb.weight"])
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "lm_head.weight differs from tok_emb.weight" in err
+    # what we write: the nine keys and the ids
+    written = json.load(open(root / "export" / "config.json"))
+    assert set(written) == {"D_MODEL", "N_HEADS", "N_LAYERS", "D_FF", "VIS_CH", "N_VIS", "VOCAB_SIZE", "MAX_SEQ",
+                            "IMG_SIZE", "bos_token_id", "eos_token_id", "pad_token_id"}
+    # still strict about everything else
+    extra = published_folder(tmp_path / "e", model, tok, want | {"blocks.0.attn.bias": torch.zeros(3)})
+    with pytest.raises(UserError, match="unknown weights: blocks.0.attn.bias"):
+        common.load_model(extra)
+    nine = json.load(open(tmp_path / "a" / "config.json"))
+    (tmp_path / "a" / "config.json").write_text(json.dumps({k: v for k, v in nine.items() if k != "D_FF"}))
+    with pytest.raises(UserError, match="config.json: not a SupraVL config .*D_FF"):
+        common.load_model(str(tmp_path / "a"))
+
 
 # ----------------------------------------------------------------------------- the command line
 
@@ -1206,10 +1265,11 @@ def shapes_dir(tmp_path_factory):
 
 
 def tiny_args(shapes_dir, out, *extra):
-    """48 images x 5 captions / batch 16 = 15 steps an epoch, 4 epochs: 60 steps of a few ms."""
+    """48 images x 5 captions / batch 20 (4 images, 5 captions each) = 12 steps an epoch, 4 epochs:
+    48 steps of a few ms."""
     return ["--data", "shapes", "--data-dir", str(shapes_dir), "--out-dir", str(out), "--device", "cpu",
-            "--dtype", "float32", "--batch-size", "16", "--epochs", "4", "--eval-interval", "5",
-            "--log-interval", "5", "--seed", "3", *extra]
+            "--dtype", "float32", "--batch-size", "20", "--epochs", "4", "--eval-interval", "5",
+            "--log-interval", "5", "--seed", "3", "--dropout", "0.1", *extra]
 
 
 def run_train(args, **kw):
@@ -1242,13 +1302,25 @@ def test_schedule_warms_up_then_decays_to_min_lr():
 
 
 def test_ranks_get_disjoint_equal_shards():
-    args = train.get_args(["--data", "shapes", "--batch-size", "4"])
-    shards = [train.epoch_order(50, 0, args, r, 3) for r in range(3)]
-    flat = torch.cat([s.flatten() for s in shards])
-    assert all(s.shape == (4, 4) for s in shards)  # 50 // 3 // 4 = 4 steps of 4
+    args = train.get_args(["--data", "shapes", "--batch-size", "4", "--captions-per-image", "1"])
+    lengths = torch.arange(50)
+    order = lambda epoch, rank, world: train.epoch_order(lengths, epoch, args, rank, world)
+    shards = [order(0, r, 3) for r in range(3)]
+    flat = torch.cat([rows.flatten() for rows, _ in shards])
+    assert all(rows.shape == (4, 4) for rows, _ in shards)  # 50 // 3 // 4 = 4 steps of 4
     assert len(set(flat.tolist())) == len(flat)
-    assert torch.equal(train.epoch_order(50, 1, args, 0, 1), train.epoch_order(50, 1, args, 0, 1))
-    assert not torch.equal(train.epoch_order(50, 0, args, 0, 1), train.epoch_order(50, 1, args, 0, 1))
+    assert all(longest == rows.amax(1).tolist() for rows, longest in shards)  # lengths[i] = i here
+    assert torch.equal(order(1, 0, 1)[0], order(1, 0, 1)[0])
+    assert not torch.equal(order(0, 0, 1)[0], order(1, 0, 1)[0])
+
+
+def test_grouped_batches_keep_an_images_captions_together():
+    args = train.get_args(["--data", "shapes", "--batch-size", "10", "--captions-per-image", "5"])
+    rows, _ = train.epoch_order(torch.zeros(40, dtype=torch.long), 0, args, 0, 1)  # 8 images x 5 rows
+    assert rows.shape == (4, 10)
+    images = rows // 5  # rows come 5 per image, image after image
+    assert (images.view(4, 2, 5) == images.view(4, 2, 5)[:, :, :1]).all()  # 5 in a row from one image
+    assert sorted(rows.flatten().tolist()) == list(range(40))
 
 
 def test_teacher_forcing_rows(shapes_dir):
@@ -1267,10 +1339,10 @@ def test_run_writes_the_published_layout(uninterrupted):
                  "eval.json"):
         assert os.path.isfile(out / name), name
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
-    assert ckpt["step"] == 60 and not any(k.startswith("_orig_mod") for k in ckpt["model"])
+    assert ckpt["step"] == 48 and not any(k.startswith("_orig_mod") for k in ckpt["model"])
     assert {"bleu1", "bleu4", "cider", "exact_match"} <= result.keys()
     # the folder is what sample.py loads, strictly, with the same weights
-    model, tok = sample.load_model(str(out))
+    model, tok = common.load_model(str(out))
     assert_same_weights(model.state_dict(), ckpt["model"])
     st = pytest.importorskip("safetensors.torch")
     assert_same_weights(st.load_file(str(out / "model.safetensors")), model.state_dict())
@@ -1295,14 +1367,15 @@ def test_resume_after_kill_is_bit_exact(shapes_dir, uninterrupted, tmp_path, sig
     if sig == signal.SIGINT:  # saved at a step boundary, told how to go on
         assert p.returncode == 130 and "python train.py --resume" in log
     step = torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"]
-    assert 5 <= step < 60  # really stopped part-way
+    assert 5 <= step < 48  # really stopped part-way
     train.train(train.get_args(tiny_args(shapes_dir, tmp_path, "--resume")))
     assert_same_weights(weights(tmp_path), weights(uninterrupted[0]))
 
 
 def test_torchrun_two_cpu_processes(shapes_dir, tmp_path):
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        "train.py", *tiny_args(shapes_dir, tmp_path, "--max-steps", "6")],
+                        "train.py", *tiny_args(shapes_dir, tmp_path, "--max-steps", "6", "--batch-size", "16",
+                                               "--captions-per-image", "1")],
                        cwd=HERE, capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "2 processes" in r.stdout and r.stdout.count("val loss") == 2  # rank 0 alone logs (steps 5, 6)
@@ -1321,6 +1394,190 @@ def test_resume_without_checkpoint_is_one_line(tmp_path):
     assert r.returncode == 2 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1
 
 
+def one_line_exit(capsys, main, argv):
+    """Run a script's main as its command line does; return (exit status, stderr)."""
+    with pytest.raises(SystemExit) as e:
+        sys.exit(common.cli(lambda: main(argv)))
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return e.value.code, err
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--n-vis", "8"], "--n-vis 8: must be a square"), (["--batch-size", "0"], "--batch-size 0"),
+    (["--lr", "-1"], "--lr -1.0: must be above 0"), (["--vocab-size", "100"], "--vocab-size 100"),
+    (["--dropout", "1.5"], "--dropout 1.5"), (["--epochs", "0"], "--epochs 0"), (["--epochs", "-1"], "--epochs -1"),
+    (["--grad-clip", "-1"], "--grad-clip -1.0"), (["--warmup-steps", "-3"], "--warmup-steps -3"),
+    (["--batch-size", "64", "--captions-per-image", "5"], "a multiple of --captions-per-image 5"),
+    (["--resume", "--overwrite"], "--resume True"), (["--device", "cuda:7" if torch.cuda.is_available() else "cuda"],
+                                                     "--device cuda"),
+    (["--max-steps", "0"], "--max-steps 0")])
+def test_bad_train_flags_are_one_line_and_create_nothing(tmp_path, capsys, flags, says):
+    out = tmp_path / "out"
+    code, err = one_line_exit(capsys, train.main, ["--data", "shapes", "--data-dir", str(tmp_path / "d"),
+                                                   "--out-dir", str(out), *flags])
+    assert code == 2 and err.startswith(f"error: {says}") and err.count("\n") == 1, err
+    assert not out.exists() and not (tmp_path / "d").exists()
+
+
+def test_out_dir_that_is_a_file_and_bad_flags_of_sample_and_data(tmp_path, capsys):
+    (tmp_path / "f").write_text("x")
+    code, err = one_line_exit(capsys, train.main, ["--data", "shapes", "--out-dir", str(tmp_path / "f")])
+    assert code == 2 and "--out-dir" in err and "not a file" in err
+    for flags, says in ((["--beam-width", "0"], "--beam-width 0"), (["--top-k", "0"], "--top-k 0"),
+                        (["--temperature", "0"], "--temperature 0.0"), (["--batch-size", "0"], "--batch-size 0"),
+                        (["--num-samples", "2"], "--num-samples 2"), (["--length-penalty", "-1"], "--length")):
+        code, err = one_line_exit(capsys, sample.main, ["--img", "x.png", "--ckpt", str(tmp_path / "none"), *flags])
+        assert code == 2 and err.startswith(f"error: {says}") and err.count("\n") == 1, err
+    for flags, says in ((["--size", "4"], "--size 4"), (["--base-url", "ftp://x"], "--base-url ftp://x")):
+        code, err = one_line_exit(capsys, data.main, ["--data-dir", str(tmp_path / "d"), *flags])
+        assert code == 2 and err.startswith(f"error: {says}") and not (tmp_path / "d").exists(), err
+
+
+def test_a_run_is_never_silently_replaced(shapes_dir, tmp_path, capsys):
+    assert train.main(tiny_args(shapes_dir, tmp_path, "--max-steps", "7")) == 0
+    before = {n: (tmp_path / n).read_bytes() for n in os.listdir(tmp_path)}
+    code, err = one_line_exit(capsys, train.main, tiny_args(shapes_dir, tmp_path))
+    assert code == 2 and "already holds a run (shapes, step 7)" in err and err.count("\n") == 1
+    assert all(w in err for w in ("--resume", "--out-dir", "--overwrite"))
+    assert {n: (tmp_path / n).read_bytes() for n in os.listdir(tmp_path)} == before  # untouched
+    (tmp_path / "eval.json").unlink()  # a run that stopped early has no eval.json: nothing may survive it
+    assert train.main(tiny_args(shapes_dir, tmp_path, "--max-steps", "3", "--overwrite")) == 0
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 3
+
+
+def test_resume_refuses_contradictions_and_says_what_changes(shapes_dir, tmp_path, capsys):
+    assert train.main(tiny_args(shapes_dir, tmp_path, "--max-steps", "6")) == 0
+    for flags, says in ((["--n-vis", "1"], "--n-vis 1: "), (["--data", "flickr8k"], "--data flickr8k"),
+                        (["--vocab-size", "400"], "--vocab-size 400"), (["--batch-size", "10"], "--batch-size 10")):
+        code, err = one_line_exit(capsys, train.main, tiny_args(shapes_dir, tmp_path, "--resume", *flags))
+        assert code == 2 and err.startswith(f"error: {says}") and "trained with" in err, err
+    capsys.readouterr()
+    assert train.main(tiny_args(shapes_dir, tmp_path, "--resume", "--epochs", "5", "--eval-interval", "7",
+                                "--max-steps", "8")) == 0
+    out = capsys.readouterr().out
+    assert "--epochs 5 instead of 4" in out and "--eval-interval 7 instead of 5" in out and "60 steps" in out
+
+
+class DiskFull:
+    """Writes half of what it is given, then fails as a full disk does."""
+    def __init__(self, real):
+        self.real = real
+
+    def __call__(self, obj, f, *args, **kwargs):
+        buf = io.BytesIO()
+        self.real(obj, buf, *args, **kwargs)
+        f.write(buf.getvalue()[: len(buf.getvalue()) // 2])
+        raise OSError(28, "No space left on device")
+
+
+def test_a_full_disk_while_saving_keeps_the_last_checkpoint(shapes_dir, uninterrupted, tmp_path, capsys,
+                                                             monkeypatch):
+    assert train.main(tiny_args(shapes_dir, tmp_path, "--max-steps", "10")) == 0
+    monkeypatch.setattr(torch, "save", DiskFull(torch.save))
+    code, err = one_line_exit(capsys, train.main, tiny_args(shapes_dir, tmp_path, "--resume"))
+    assert code == 2 and "No space left on device" in err
+    monkeypatch.undo()
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 10  # the last good one, whole
+    assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]
+    assert train.main(tiny_args(shapes_dir, tmp_path, "--resume")) == 0
+    assert_same_weights(weights(tmp_path), weights(uninterrupted[0]))
+
+
+def test_a_failed_write_keeps_the_previous_file(tmp_path, monkeypatch):
+    path = tmp_path / "a.bin"
+    path.write_bytes(b"old and whole")
+
+    def half_then_full(f):
+        f.write(b"new but ")
+        raise OSError(28, "No space left on device")
+    with pytest.raises(OSError), common.atomic_write(str(path)) as f:
+        half_then_full(f)
+    assert path.read_bytes() == b"old and whole" and os.listdir(tmp_path) == ["a.bin"]
+    # a prepared split: both of its files are written that way
+    data.save_split(str(tmp_path), "val", ["a"], np.zeros((1, 8, 8, 3), np.uint8), [["x"]], 8)
+    monkeypatch.setattr(np, "save", DiskFull(np.save))
+    with pytest.raises(OSError):
+        data.save_split(str(tmp_path), "val", ["b"], np.ones((1, 8, 8, 3), np.uint8), [["y"]], 8)
+    assert data.load_split(str(tmp_path), "val", 8).names == ["a"]
+    assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]
+
+
+def test_device_auto_with_a_broken_gpu_is_one_line(monkeypatch, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine's CUDA works")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # present, but this build cannot use it
+    assert common.pick_device("auto") == "cpu"
+    err = capsys.readouterr().err
+    assert err.startswith("note: cuda present but unusable") and err.count("\n") == 1
+    with pytest.raises(UserError, match="--device cuda: present but unusable"):
+        common.pick_device("cuda")
+
+    def old_driver():
+        warnings.warn("CUDA initialization: The NVIDIA driver on your system is too old (found version 11040).\n"
+                      "Please update your GPU driver ...")
+        return False
+    monkeypatch.setattr(torch.cuda, "is_available", old_driver)
+    assert common.pick_device("auto") == "cpu"
+    assert "driver on your system is too old" in capsys.readouterr().err
+
+
+def test_a_t4_gets_fp16_and_an_a100_bf16(monkeypatch):
+    for capability, dtype in (((7, 5), torch.float16), ((7, 0), torch.float16), ((8, 0), torch.bfloat16),
+                              ((9, 0), torch.bfloat16)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+        got, why = train.pick_dtype("auto", "cuda")
+        assert got == dtype and f"sm_{capability[0]}{capability[1]}" in why
+    assert train.pick_dtype("float32", "cuda")[0] == torch.float32
+
+
+def test_a_batch_is_gathered_on_its_device_without_copies():
+    """Everything get_batch touches lives on one device: on a GPU, no host-to-device copy per step."""
+    tokens = torch.zeros(40, 49, dtype=torch.long, device="meta")
+    image_of = torch.zeros(40, dtype=torch.long, device="meta")
+    images = torch.zeros(8, 112, 112, 3, dtype=torch.uint8, device="meta")
+    rows = torch.zeros(10, dtype=torch.long, device="meta")
+    seen = []
+
+    class Devices(torch.utils._python_dispatch.TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            ts = [a for a in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
+            seen.append((func, {t.device.type for t in ts}))
+            return func(*args, **(kwargs or {}))
+
+    train.get_batch(rows, 12, tokens, image_of, images, 5)  # the first call makes the mean/std tensors
+    with Devices():
+        x, ids, targets = train.get_batch(rows, 12, tokens, image_of, images, 5)
+    assert x.shape == (2, 3, 112, 112) and ids.shape == targets.shape == (10, 12)
+    assert all(devices == {"meta"} for _, devices in seen), [f for f, d in seen if d != {"meta"}]
+
+
+def test_generation_keeps_attention_maps_on_the_device(trained, monkeypatch):
+    model, x, _, _ = trained
+    monkeypatch.setattr(torch.Tensor, "cpu", lambda self: (_ for _ in ()).throw(AssertionError("to the cpu")))
+    for gen in (model.generate_beam, model.generate_greedy):
+        seqs, attns = gen(x[:2], max_new=6, return_attn=True)
+        assert all(a.device == x.device and a.shape == (len(s), 3, 16) for s, a in zip(seqs, attns))
+
+
+def test_data_preparation_waits_under_a_long_timeout(monkeypatch, shapes_dir):
+    calls = []
+    monkeypatch.setattr(train.dist, "new_group", lambda **kw: calls.append(("group", kw)) or "G")
+    monkeypatch.setattr(train.dist, "barrier", lambda group=None: calls.append(("barrier", group)))
+    monkeypatch.setattr(train.data, "prepare", lambda *a, **k: calls.append(("prepare",)))
+    args = train.get_args(["--data", "shapes", "--data-dir", str(shapes_dir)])
+    split, _ = train.prepare_data(args, rank=1, world=2, log=lambda *a: None)
+    assert len(split.names) == 48
+    assert calls == [("group", {"backend": "gloo", "timeout": train.timedelta(hours=2)}), ("barrier", "G")]
+
+
+def test_generate_plain_is_what_the_cache_must_agree_with(trained):
+    model, x, caps, _ = trained
+    y = torch.cat([x, images(3, seed=5)])
+    assert model.generate_plain(y, max_new=16) == model.generate_greedy(y, max_new=16)
+    assert model.generate_plain(x, max_new=16) == caps
+
+
 @pytest.mark.skipif(not os.path.isdir(os.path.join(SHARED, "images128")), reason="needs ../shared/flickr8k")
 def test_real_flickr8k_photos_end_to_end(tmp_path):
     """The real caption file and the real images that ../shared holds: prepare, train, export."""
@@ -1328,7 +1585,7 @@ def test_real_flickr8k_photos_end_to_end(tmp_path):
             "--out-dir", str(tmp_path / "out"), "--device", "cpu", "--max-steps", "3", "--batch-size", "8"]
     result = train.train(train.get_args(args))
     assert result["n_images"] == 38 and result["exact_match"] is None  # the 38 val photos present
-    model, tok = sample.load_model(str(tmp_path / "out"))
+    model, tok = common.load_model(str(tmp_path / "out"))
     assert tok.vocab_size == 2048 and model.config.vocab_size == 2048
 
 
@@ -1339,8 +1596,8 @@ def test_cuda_mixed_precision_run_and_captions(shapes_dir, tmp_path, dtype):
     result = train.train(train.get_args(tiny_args(shapes_dir, tmp_path, "--device", "cuda", "--dtype", dtype,
                                                   "--max-steps", "6")))
     assert result["n_images"] == 16
-    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["dtype"] == dtype
-    model, tok = sample.load_model(str(tmp_path), "cuda")
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["settings"]["dtype"] == dtype
+    model, tok = common.load_model(str(tmp_path), "cuda")
     split = data.load_split(str(shapes_dir), "test")
-    captions = sample.caption(model, tok, split.images[:4])  # GPU and CPU numerics may differ: no equality
+    captions = scores.caption(model, tok, split.images[:4])  # GPU and CPU numerics may differ: no equality
     assert len(captions) == 4 and all(isinstance(c, str) for c in captions)
