@@ -1,24 +1,30 @@
 """
 bench.py: every speed figure the project claims, each beside a baseline measured in the same run.
 
-    tokenizer   our BPE trainer vs a naive one that recounts every pair for every merge (minbpe's way)
-    generation  our batched, KV-cached decoding vs the card's loop (one image, one beam at a time,
-                the whole sequence and the CNN recomputed for every new token), identical weights
-    training    images/s of a batch-64 step in fp32 and bf16 autocast, as a fraction of the
-                machine's measured fp32 matmul peak
-    data        batches of 64 assembled from the prepared uint8 arrays vs training steps, and
-                image preparation (decode + resize) on real Flickr8k JPEGs when ../shared has them
+    tokenizer   bpe.py's incremental trainer vs its plain one (every pair recounted for every merge),
+                and BPE vs whole words on the Flickr8k captions (unknown words, tokens per caption)
+    generation  batched, cached decoding vs the plain loop (model.generate_plain one image at a time, as
+                the card's code runs it; and the card's beam search, one beam at a time), same weights
+    training    images/s of a training step in fp32 and bf16 autocast, as a fraction of the machine's
+                fp32 matmul peak: the card's batch (64 pairs, Flickr8k's longest caption ~28 tokens) and
+                shapes' (12 images x 5 captions, 16 tokens)
+    data        a batch gathered from the prepared uint8 arrays vs a training step; decoding real
+                Flickr8k JPEGs when ../shared has them
     sampling    whole-process time to the first caption, and beam-search captions/s over a split
+    --recipes   the shapes run end to end, today's recipe beside the one before it (minutes)
 
-Left out: GPU figures (train.py prints images/s wherever it runs) and anything that needs the full
-Flickr8k download. Figures that need ../shared/flickr8k are skipped when it is absent.
+Left out: GPU figures (train.py prints pairs/s wherever it runs). Figures that need ../shared/flickr8k
+are skipped when it is absent.
 
-    python bench.py            # a few minutes
-    python bench.py --quick    # under a minute, fewer repeats
+    python bench.py            # about a minute on 2 cores
+    python bench.py --quick    # fewer repeats and smaller sizes
+    python bench.py --recipes  # + two full shapes runs, side by side (about 10 minutes on 2 cores)
 """
 import argparse
+import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import tempfile
@@ -31,12 +37,14 @@ from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
 import bpe
+import common
 import data
-import sample
+import scores
 import train
 from model import VLM, Config
 
-SHARED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "flickr8k")
+HERE = os.path.dirname(os.path.abspath(__file__))
+SHARED = os.path.join(HERE, "..", "shared", "flickr8k")
 ROWS = []  # (what, ours, baseline, ratio)
 
 
@@ -55,65 +63,58 @@ def best_time(fn, repeats):
     return min(times)
 
 
-# -----------------------------------------------------------------------------
-# Tokenizer
-
-def naive_bpe_train(texts, n_merges):
-    """The textbook trainer: every merge recounts every pair of every word of the corpus."""
-    words = [list(w.encode()) for t in texts for w in bpe.SPLIT.findall(t)]
-    for k in range(n_merges):
-        counts = Counter(p for w in words for p in zip(w, w[1:]))
-        if not counts:
-            break
-        pair = max(counts, key=counts.get)
-        words = [bpe.merge(w, pair, 256 + k) for w in words]
+def flickr_captions():
+    for folder in (SHARED, os.path.join(HERE, "data", "flickr8k")):
+        path = os.path.join(folder, "Flickr8k.token.txt")
+        if os.path.exists(path):
+            return data.parse_tokens(path)[0], folder
+    return None, None
 
 
 def bench_tokenizer(quick):
-    path = os.path.join(SHARED, "Flickr8k.token.txt")
-    if not os.path.exists(path):
-        row("BPE", "skipped: ../shared/flickr8k/Flickr8k.token.txt is absent")
-        return
-    caps = [c for cs in data.parse_tokens(path)[0].values() for c in cs]
+    captions, folder = flickr_captions()
+    if captions is None:
+        return row("BPE", "skipped: no Flickr8k.token.txt in ../shared/flickr8k or data/flickr8k")
+    caps = [c for cs in captions.values() for c in cs]
     t_train = best_time(lambda: bpe.Tokenizer.train(caps, 2048), 2 if quick else 5)
     tok = bpe.Tokenizer.train(caps, 2048)
-    row(f"BPE train, 2048 vocab, {len(caps):,} captions", f"{t_train:.2f} s", "HF tokenizers (Rust): 0.30 s*")
-
-    def encode_all():
-        fresh = bpe.Tokenizer.from_json(tok.to_json())  # an empty per-word cache each time
-        for c in caps:
-            fresh.encode(c)
-    t_enc = best_time(encode_all, 2 if quick else 5)
-    row(f"BPE encode all {len(caps):,} captions", f"{t_enc:.2f} s", "HF tokenizers: 0.35-0.63 s*")
-
+    row(f"BPE train, 2048 vocab, {len(caps):,} captions", f"{t_train:.2f} s")
+    t_enc = best_time(lambda: [bpe.Tokenizer.from_json(tok.to_json()).encode(c) for c in caps], 2 if quick else 5)
+    row(f"BPE encode all {len(caps):,} captions (empty cache)", f"{t_enc:.2f} s")
     n, merges = (1000, 100) if quick else (4000, 300)
-    t_naive = best_time(lambda: naive_bpe_train(caps[:n], merges), 1)
-    t_ours = best_time(lambda: bpe.Tokenizer.train(caps[:n], 259 + merges), 3)
-    row(f"BPE train, first {n} captions, {merges} merges", f"{t_ours * 1000:.0f} ms",
-        f"naive {t_naive * 1000:.0f} ms", f"{t_naive / t_ours:.0f}x")
+    t_plain = best_time(lambda: bpe.train_simple(caps[:n], 259 + merges), 1)
+    t_fast = best_time(lambda: bpe.Tokenizer.train(caps[:n], 259 + merges), 3)
+    row(f"BPE train, first {n} captions, {merges} merges", f"{t_fast * 1000:.0f} ms",
+        f"plain trainer {t_plain * 1000:.0f} ms", f"{t_plain / t_fast:.0f}x")
+    bpe_vs_words(folder, captions)
+
+
+def bpe_vs_words(folder, captions):
+    """The card's 'BPE tokenizer' decision: a 2048-entry vocabulary of whole words vs 2048 BPE tokens,
+    trained on the training captions, counted on the test captions."""
+    split = lambda name: [c for n in open(os.path.join(folder, data.SPLIT_LISTS[name])).read().split()
+                          for c in captions.get(n, [])]
+    train_caps, test_caps = split("train"), split("test")
+    words = Counter(w for c in train_caps for w in c.split())
+    vocab = {w for w, _ in words.most_common(2048 - 3)}
+    test_words = [w for c in test_caps for w in c.split()]
+    unknown = sum(w not in vocab for w in test_words) / len(test_words)
+    tok = bpe.Tokenizer.train(train_caps, 2048)
+    per_caption = sum(len(tok.encode(c)) for c in test_caps) / len(test_caps)
+    row(f"{len(test_caps):,} test captions, 2048 BPE tokens", f"0% unknown, {per_caption:.1f} tokens/caption",
+        f"2048 whole words: {unknown:.1%} unknown, {len(test_words) / len(test_caps):.1f} tokens/caption")
 
 
 # -----------------------------------------------------------------------------
-# Generation: the card's loop against ours
-
-@torch.no_grad()
-def card_greedy(model, image, max_new):
-    ids = [model.config.bos_id]
-    for _ in range(max_new):
-        logits, _ = model(image[None], torch.tensor([ids]))  # everything again, every token
-        nxt = int(logits[0, -1].argmax())
-        if nxt == model.config.eos_id:
-            break
-        ids.append(nxt)
-    return ids[1:]
-
+# Generation: the plain loops against the cached, batched ones
 
 @torch.no_grad()
 def card_beam(model, image, width, max_new):
+    """The card's beam search: one image, one beam at a time, the whole sequence every step."""
     beams = [([model.config.bos_id], 0.0)]
     for _ in range(max_new):
         cands = []
-        for ids, score in beams:  # one forward per beam
+        for ids, score in beams:
             logp = model(image[None], torch.tensor([ids]))[0][0, -1].log_softmax(-1)
             top = logp.topk(width)
             cands += [(ids + [int(i)], score + float(v)) for v, i in zip(top.values, top.indices)]
@@ -123,17 +124,16 @@ def card_beam(model, image, width, max_new):
 
 def bench_generation(quick):
     torch.manual_seed(0)
-    # eos_id -1 is never produced: both sides decode the full 48 tokens, the worst case.
-    model = VLM(Config(eos_id=-1)).eval()
+    model = VLM(Config(eos_id=-1)).eval()  # eos_id -1 is never produced: all 48 tokens, the worst case
     n = 4 if quick else 16
     images = torch.randn(n, 3, 112, 112)
-    for name, card, ours in (
-            ("greedy", lambda im: card_greedy(model, im, 48), lambda: model.generate_greedy(images, 48)),
+    for name, plain, ours in (
+            ("greedy", lambda im: model.generate_plain(im[None], 48), lambda: model.generate_greedy(images, 48)),
             ("beam-3", lambda im: card_beam(model, im, 3, 48), lambda: model.generate_beam(images, 3, 48))):
-        t_card = best_time(lambda: [card(im) for im in images[: max(1, n // 4)]], 1) / max(1, n // 4)
+        t_plain = best_time(lambda: [plain(im) for im in images[: max(1, n // 4)]], 1) / max(1, n // 4)
         t_ours = best_time(ours, 1 if quick else 3) / n
         row(f"generate {name}, 48 tokens, {n} images, per image", f"{t_ours * 1000:.1f} ms",
-            f"card's loop {t_card * 1000:.0f} ms", f"{t_card / t_ours:.0f}x")
+            f"plain loop {t_plain * 1000:.0f} ms", f"{t_plain / t_ours:.0f}x")
 
 
 # -----------------------------------------------------------------------------
@@ -146,47 +146,41 @@ def matmul_peak():
 
 
 def bench_training(quick):
-    torch.manual_seed(0)
-    B, T = 64, 16  # T: a Flickr8k batch's longest caption is ~20 tokens, most are 12
-    model = VLM(Config())
-    opt = train.make_optimizer(model, argparse.Namespace(lr=3e-4, weight_decay=0.01))
-    x, ids = torch.randn(B, 3, 112, 112), torch.randint(3, 2048, (B, T))
-
-    def step(dtype):
-        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
-            loss = model(x, ids, ids)[1]
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    with FlopCounterMode(display=False) as fc:
-        step(torch.float32)
-    flops = fc.get_total_flops() / B
     peak = matmul_peak()
     row("fp32 matmul 1024^3 (the machine's peak)", f"{peak / 1e9:.0f} GFLOP/s")
-    steps = {}
-    for dtype in (torch.float32, torch.bfloat16):
-        step(dtype)
-        steps[dtype] = best_time(lambda: step(dtype), 3 if quick else 8)
-        ips = B / steps[dtype]
-        row(f"train step, batch {B}, {str(dtype)[6:]}", f"{ips:.0f} img/s",
-            f"{flops / 1e6:.0f} MFLOP/img", f"{ips * flops / peak:.0%} of fp32 peak")
+    for name, n_img, k, T in (("64 pairs, 28 tokens (Flickr8k)", 64, 1, 28), ("12 images x 5 captions (shapes)", 12, 5, 16)):
+        torch.manual_seed(0)
+        model = VLM(Config())
+        opt = train.make_optimizer(model, argparse.Namespace(lr=3e-4, weight_decay=0.01))
+        x, ids = torch.randn(n_img, 3, 112, 112), torch.randint(3, 2048, (n_img * k, T))
 
-    n = 6000
-    images = torch.randint(0, 256, (n, 112, 112, 3), dtype=torch.uint8)
-    tokens = torch.randint(0, 2048, (5 * n, 49))
-    pairs = (tokens, torch.arange(5 * n) // 5, torch.randint(8, 20, (5 * n,)))
-    rows = torch.randperm(5 * n)[:B]
-    t_batch = best_time(lambda: train.get_batch(rows, *pairs, images, "cpu"), 20)
-    row("batch of 64 assembled (gather + normalise)", f"{1 / t_batch:.0f} batch/s",
-        f"train step {1 / min(steps.values()):.1f} step/s", f"{min(steps.values()) / t_batch:.0f}x headroom")
+        def step(dtype):
+            with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+                loss = model(x, ids, ids)[1]
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        with FlopCounterMode(display=False) as fc:
+            step(torch.float32)
+        flops = fc.get_total_flops()
+        for dtype in (torch.float32, torch.bfloat16):
+            step(dtype)
+            t = best_time(lambda: step(dtype), 3 if quick else 8)
+            row(f"train step, {name}, {str(dtype)[6:]}", f"{n_img * k / t:.0f} pairs/s",
+                f"{flops / n_img / 1e6:.0f} MFLOP/img", f"{flops / t / peak:.0%} of fp32 peak")
+    images = torch.randint(0, 256, (6000, 112, 112, 3), dtype=torch.uint8)
+    tokens, image_of = torch.randint(0, 2048, (30000, 49)), torch.arange(30000) // 5
+    rows = torch.randperm(30000)[:64]
+    t_batch = best_time(lambda: train.get_batch(rows, 28, tokens, image_of, images, 1), 20)
+    row("batch of 64 gathered + normalised", f"{1 / t_batch:.0f} batch/s", f"train step {t:.3f} s",
+        f"{t / t_batch:.0f}x headroom")
 
 
 def bench_preparation(quick):
     src = os.path.join(SHARED, "images128")
     if not os.path.isdir(src):
-        row("image preparation", "skipped: ../shared/flickr8k/images128 is absent")
-        return
+        return row("image preparation", "skipped: ../shared/flickr8k/images128 is absent")
     paths = sorted(os.path.join(src, f) for f in os.listdir(src))[: 100 if quick else 434]
     t = best_time(lambda: data.decode_images(paths, 112), 1)
     row(f"prepare {len(paths)} real 128px JPEGs -> 112px, {os.cpu_count()} cores", f"{len(paths) / t:.0f} img/s",
@@ -201,45 +195,70 @@ def bench_preparation(quick):
             f"8091 images: {8091 * t / len(big):.0f} s")
 
 
-# -----------------------------------------------------------------------------
-# Sampling: the command people run
-
 def bench_sampling(quick):
     with tempfile.TemporaryDirectory() as tmp:
         torch.manual_seed(0)
         tok = bpe.Tokenizer.train(["a red circle", "a small blue square above a large red circle"], 300)
         model = VLM(Config(vocab_size=tok.vocab_size))
-        sample.save_pretrained(tmp, model, tok)
+        common.save_pretrained(tmp, model, tok)
         img = os.path.join(tmp, "x.png")
         Image.fromarray(np.zeros((112, 112, 3), np.uint8)).save(img)
         t0 = time.perf_counter()
         subprocess.run([sys.executable, "sample.py", "--ckpt", tmp, "--img", img, "--device", "cpu"],
-                       check=True, capture_output=True, cwd=os.path.dirname(os.path.abspath(__file__)))
+                       check=True, capture_output=True, cwd=HERE)
         row("python sample.py --img x.png, whole process (CPU)", f"{time.perf_counter() - t0:.2f} s")
-        split = data.Split([], np.random.randint(0, 256, (256 if quick else 1000, 112, 112, 3), np.uint8), [])
-        t = best_time(lambda: sample.caption(model.eval(), tok, split.images, strategy="beam"), 1)
-        row(f"beam-3 captions of a {len(split.images)}-image split (untrained model)",
-            f"{len(split.images) / t:.0f} captions/s")
+        images = np.random.randint(0, 256, (256 if quick else 1000, 112, 112, 3), np.uint8)
+        t = best_time(lambda: scores.caption(model.eval(), tok, images, strategy="beam"), 1)
+        row(f"beam-3 captions of {len(images)} images (untrained model)", f"{len(images) / t:.0f} captions/s")
+
+
+# -----------------------------------------------------------------------------
+# The shapes run end to end: the recipe of today beside the one before it (README: "the laptop path")
+
+BEFORE = ["--captions-per-image", "1", "--batch-size", "64", "--epochs", "6", "--lr", "2e-3", "--warmup-steps",
+          "100", "--eval-interval", "500"]
+
+
+def bench_recipes():
+    with tempfile.TemporaryDirectory() as tmp:
+        results = {}
+        for name, flags in (("today's recipe", []), ("the recipe before", BEFORE)):
+            out = os.path.join(tmp, name.replace(" ", "_").replace("'", ""))
+            train_cmd = [sys.executable, "train.py", "--data", "shapes", "--data-dir", os.path.join(tmp, "shapes"),
+                         "--out-dir", out, *flags]
+            subprocess.run(train_cmd[:5] + ["--max-steps", "1", "--out-dir", out + "_warm"], cwd=HERE,
+                           check=True, capture_output=True)  # generates the data set once, outside the timing
+            t0 = time.perf_counter()
+            subprocess.run(train_cmd, cwd=HERE, check=True, capture_output=True)
+            seconds = time.perf_counter() - t0
+            ev = subprocess.run([sys.executable, "sample.py", "--ckpt", out, "--eval", "test", "--data", "shapes",
+                                 "--data-dir", os.path.join(tmp, "shapes")], cwd=HERE, check=True,
+                                capture_output=True, text=True).stdout
+            exact = float(re.search(r"exact match ([0-9.]+)", ev)[1])
+            results[name] = seconds
+            row(f"python train.py --data shapes, {name}", f"{seconds / 60:.1f} min, {exact:.1%} exact match on test")
+        ratio = results["the recipe before"] / results["today's recipe"]
+        row("shapes run, the recipe before / today's", f"{ratio:.2f}x")
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="fewer repeats and smaller sizes: under a minute")
+    p.add_argument("--quick", action="store_true", help="fewer repeats and smaller sizes")
+    p.add_argument("--recipes", action="store_true", help="also time two full shapes runs (minutes)")
     args = p.parse_args()
     t0 = time.time()
     train.keep_freed_memory()  # as train.py does on the CPU
-    for part in (bench_tokenizer, bench_generation, bench_training, bench_preparation, bench_sampling):
-        print(f"{part.__name__}...", file=sys.stderr)
+    parts = [bench_tokenizer, bench_generation, bench_training, bench_preparation, bench_sampling]
+    for part in parts + ([lambda quick: bench_recipes()] if args.recipes else []):
         part(args.quick)
-    cpu = platform.processor() or platform.machine()
     with open("/proc/cpuinfo") if os.path.exists("/proc/cpuinfo") else open(os.devnull) as f:
         names = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
-    print(f"\nmachine: {names[0] if names else cpu}, {os.cpu_count()} cores, torch {torch.__version__} "
-          f"({torch.get_num_threads()} threads), python {platform.python_version()}")
+    print(f"\nmachine: {names[0] if names else platform.machine()}, {os.cpu_count()} cores, torch "
+          f"{torch.__version__} ({torch.get_num_threads()} threads), python {platform.python_version()}")
     w = [max(len(r[i]) for r in ROWS + [("measurement", "ours", "baseline", "ratio")]) for i in range(4)]
     for r in [("measurement", "ours", "baseline", "ratio"), tuple("-" * k for k in w)] + ROWS:
         print("  ".join(s.ljust(k) for s, k in zip(r, w)))
-    print(f"* not run here; measured once on this machine's kind (issue 7). bench took {time.time() - t0:.0f} s")
+    print(f"bench took {time.time() - t0:.0f} s")
 
 
 if __name__ == "__main__":

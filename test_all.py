@@ -1383,6 +1383,29 @@ def test_torchrun_two_cpu_processes(shapes_dir, tmp_path):
     assert os.path.isfile(tmp_path / "eval.json")
 
 
+def test_torchrun_ctrl_c_in_one_process_stops_both_at_one_step(shapes_dir, tmp_path):
+    args = tiny_args(shapes_dir, tmp_path, "--epochs", "60", "--batch-size", "16", "--captions-per-image", "1")
+    p = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "train.py", *args], cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while not os.path.exists(tmp_path / "ckpt.pt") and time.time() < deadline and p.poll() is None:
+        time.sleep(0.05)
+
+    def environ(pid):
+        try:
+            return open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+        except OSError:
+            return []
+    rank1 = [int(pid) for pid in os.listdir("/proc") if pid.isdigit() and b"RANK=1" in environ(pid)
+             and b"train.py" in open(f"/proc/{pid}/cmdline", "rb").read()]
+    assert len(rank1) == 1
+    os.kill(rank1[0], signal.SIGINT)  # only rank 1 sees Ctrl-C
+    out = p.communicate(timeout=120)[0]
+    assert "interrupted at step" in out, out[-2000:]
+    step = torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"]
+    assert step % 5 == 0 and step < 60 * 7  # saved by rank 0 at a step where the two agreed
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(shapes_dir, tmp_path):
     r = run_train(tiny_args(shapes_dir, tmp_path, "--lr", "1e30", "--warmup-steps", "1"))
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "loss became" in r.stderr
@@ -1408,7 +1431,7 @@ def one_line_exit(capsys, main, argv):
     (["--lr", "-1"], "--lr -1.0: must be above 0"), (["--vocab-size", "100"], "--vocab-size 100"),
     (["--dropout", "1.5"], "--dropout 1.5"), (["--epochs", "0"], "--epochs 0"), (["--epochs", "-1"], "--epochs -1"),
     (["--grad-clip", "-1"], "--grad-clip -1.0"), (["--warmup-steps", "-3"], "--warmup-steps -3"),
-    (["--batch-size", "64", "--captions-per-image", "5"], "a multiple of --captions-per-image 5"),
+    (["--batch-size", "64", "--captions-per-image", "5"], "--batch-size 64: must be a multiple of"),
     (["--resume", "--overwrite"], "--resume True"), (["--device", "cuda:7" if torch.cuda.is_available() else "cuda"],
                                                      "--device cuda"),
     (["--max-steps", "0"], "--max-steps 0")])
@@ -1464,9 +1487,9 @@ class DiskFull:
     def __init__(self, real):
         self.real = real
 
-    def __call__(self, obj, f, *args, **kwargs):
-        buf = io.BytesIO()
-        self.real(obj, buf, *args, **kwargs)
+    def __call__(self, a, b, *args, **kwargs):  # torch.save(obj, file) or np.save(file, array)
+        f, buf = (b, io.BytesIO()) if hasattr(b, "write") else (a, io.BytesIO())
+        self.real(*((a, buf) if f is b else (buf, b)), *args, **kwargs)
         f.write(buf.getvalue()[: len(buf.getvalue()) // 2])
         raise OSError(28, "No space left on device")
 

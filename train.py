@@ -362,6 +362,8 @@ def train(args):
         if stop_requested(run.step, args, world, device):
             if rank == 0:
                 run.save(os.path.join(args.out_dir, "ckpt.pt"))
+            if world > 1:
+                dist.barrier()  # the others wait for the checkpoint: torchrun ends them all once one leaves
             log(f"\ninterrupted at step {run.step}, saved {args.out_dir}/ckpt.pt; continue with:\n"
                 f"  python train.py --resume --out-dir {args.out_dir}")
             return "interrupted"
