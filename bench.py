@@ -5,9 +5,8 @@ bench.py: every speed figure the project claims, each beside a baseline measured
                 and BPE vs whole words on the Flickr8k captions (unknown words, tokens per caption)
     generation  batched, cached decoding vs the plain loop (model.generate_plain one image at a time, as
                 the card's code runs it; and the card's beam search, one beam at a time), same weights
-    training    images/s of a training step in fp32 and bf16 autocast, as a fraction of the machine's
-                fp32 matmul peak: the card's batch (64 pairs, Flickr8k's longest caption ~28 tokens) and
-                shapes' (12 images x 5 captions, 16 tokens)
+    training    images/s of a batch-64 training step in fp32 and bf16 autocast, as a fraction of the
+                machine's fp32 matmul peak, with Flickr8k's and shapes' caption lengths
     data        a batch gathered from the prepared uint8 arrays vs a training step; decoding real
                 Flickr8k JPEGs when ../shared has them
     sampling    whole-process time to the first caption, and beam-search captions/s over a split
@@ -21,7 +20,6 @@ are skipped when it is absent.
     python bench.py --recipes  # + two full shapes runs, side by side (about 10 minutes on 2 cores)
 """
 import argparse
-import json
 import os
 import platform
 import re
@@ -148,11 +146,11 @@ def matmul_peak():
 def bench_training(quick):
     peak = matmul_peak()
     row("fp32 matmul 1024^3 (the machine's peak)", f"{peak / 1e9:.0f} GFLOP/s")
-    for name, n_img, k, T in (("64 pairs, 28 tokens (Flickr8k)", 64, 1, 28), ("12 images x 5 captions (shapes)", 12, 5, 16)):
+    for name, T in (("28 tokens (Flickr8k's longest)", 28), ("16 tokens (shapes)", 16)):
         torch.manual_seed(0)
         model = VLM(Config())
         opt = train.make_optimizer(model, argparse.Namespace(lr=3e-4, weight_decay=0.01))
-        x, ids = torch.randn(n_img, 3, 112, 112), torch.randint(3, 2048, (n_img * k, T))
+        x, ids = torch.randn(64, 3, 112, 112), torch.randint(3, 2048, (64, T))
 
         def step(dtype):
             with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
@@ -167,12 +165,12 @@ def bench_training(quick):
         for dtype in (torch.float32, torch.bfloat16):
             step(dtype)
             t = best_time(lambda: step(dtype), 3 if quick else 8)
-            row(f"train step, {name}, {str(dtype)[6:]}", f"{n_img * k / t:.0f} pairs/s",
-                f"{flops / n_img / 1e6:.0f} MFLOP/img", f"{flops / t / peak:.0%} of fp32 peak")
+            row(f"train step, batch 64, {name}, {str(dtype)[6:]}", f"{64 / t:.0f} img/s",
+                f"{flops / 64 / 1e6:.0f} MFLOP/img", f"{flops / t / peak:.0%} of fp32 peak")
     images = torch.randint(0, 256, (6000, 112, 112, 3), dtype=torch.uint8)
     tokens, image_of = torch.randint(0, 2048, (30000, 49)), torch.arange(30000) // 5
     rows = torch.randperm(30000)[:64]
-    t_batch = best_time(lambda: train.get_batch(rows, 28, tokens, image_of, images, 1), 20)
+    t_batch = best_time(lambda: train.get_batch(rows, 28, tokens, image_of, images), 20)
     row("batch of 64 gathered + normalised", f"{1 / t_batch:.0f} batch/s", f"train step {t:.3f} s",
         f"{t / t_batch:.0f}x headroom")
 
@@ -215,7 +213,7 @@ def bench_sampling(quick):
 # -----------------------------------------------------------------------------
 # The shapes run end to end: the recipe of today beside the one before it (README: "the laptop path")
 
-BEFORE = ["--captions-per-image", "1", "--batch-size", "64", "--epochs", "6", "--lr", "2e-3", "--warmup-steps",
+BEFORE = ["--batch-size", "64", "--epochs", "6", "--lr", "2e-3", "--warmup-steps",
           "100", "--eval-interval", "500"]
 
 

@@ -177,16 +177,13 @@ class VLM(nn.Module):
     # ------------------------------------------------------------------------- training forward
 
     def forward(self, images, ids, targets=None):
-        """images (N,3,H,W) normalised float; ids (B,T) starting with BOS, T <= max_seq, where B is N times
-        k: each image's k captions in a row (k = 1: one caption per image).
+        """images (B,3,H,W) normalised float; ids (B,T) starting with BOS, T <= max_seq.
         Returns logits (B,T,V) for the text positions and the mean cross-entropy over targets
         (B,T) with pad_id ignored (None without targets)."""
         cfg = self.config
         if ids.size(1) > cfg.max_seq:
             raise ValueError(f"model: {ids.size(1)} text tokens exceed max_seq {cfg.max_seq}")
-        vis = self.vis_enc(images)  # (N, 16, 128)
-        vis = vis.repeat_interleave(ids.size(0) // vis.size(0), dim=0)  # (B, 16, 128): k captions, one CNN pass
-        x = self._embed(vis, ids, 0)  # (B, 16+T, 128)
+        x = self._embed(self.vis_enc(images), ids, 0)  # (B, 16+T, 128)
         for block in self.blocks:
             x, _ = block(x)
         logits = self.lm_head(self.ln_f(x[:, cfg.n_vis:]))  # (B, T, V): text positions only

@@ -1265,10 +1265,9 @@ def shapes_dir(tmp_path_factory):
 
 
 def tiny_args(shapes_dir, out, *extra):
-    """48 images x 5 captions / batch 20 (4 images, 5 captions each) = 12 steps an epoch, 4 epochs:
-    48 steps of a few ms."""
+    """48 images x 5 captions / batch 16 = 15 steps an epoch, 4 epochs: 60 steps of a few ms."""
     return ["--data", "shapes", "--data-dir", str(shapes_dir), "--out-dir", str(out), "--device", "cpu",
-            "--dtype", "float32", "--batch-size", "20", "--epochs", "4", "--eval-interval", "5",
+            "--dtype", "float32", "--batch-size", "16", "--epochs", "4", "--eval-interval", "5",
             "--log-interval", "5", "--seed", "3", "--dropout", "0.1", *extra]
 
 
@@ -1302,7 +1301,7 @@ def test_schedule_warms_up_then_decays_to_min_lr():
 
 
 def test_ranks_get_disjoint_equal_shards():
-    args = train.get_args(["--data", "shapes", "--batch-size", "4", "--captions-per-image", "1"])
+    args = train.get_args(["--data", "shapes", "--batch-size", "4"])
     lengths = torch.arange(50)
     order = lambda epoch, rank, world: train.epoch_order(lengths, epoch, args, rank, world)
     shards = [order(0, r, 3) for r in range(3)]
@@ -1312,15 +1311,6 @@ def test_ranks_get_disjoint_equal_shards():
     assert all(longest == rows.amax(1).tolist() for rows, longest in shards)  # lengths[i] = i here
     assert torch.equal(order(1, 0, 1)[0], order(1, 0, 1)[0])
     assert not torch.equal(order(0, 0, 1)[0], order(1, 0, 1)[0])
-
-
-def test_grouped_batches_keep_an_images_captions_together():
-    args = train.get_args(["--data", "shapes", "--batch-size", "10", "--captions-per-image", "5"])
-    rows, _ = train.epoch_order(torch.zeros(40, dtype=torch.long), 0, args, 0, 1)  # 8 images x 5 rows
-    assert rows.shape == (4, 10)
-    images = rows // 5  # rows come 5 per image, image after image
-    assert (images.view(4, 2, 5) == images.view(4, 2, 5)[:, :, :1]).all()  # 5 in a row from one image
-    assert sorted(rows.flatten().tolist()) == list(range(40))
 
 
 def test_teacher_forcing_rows(shapes_dir):
@@ -1339,7 +1329,7 @@ def test_run_writes_the_published_layout(uninterrupted):
                  "eval.json"):
         assert os.path.isfile(out / name), name
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
-    assert ckpt["step"] == 48 and not any(k.startswith("_orig_mod") for k in ckpt["model"])
+    assert ckpt["step"] == 60 and not any(k.startswith("_orig_mod") for k in ckpt["model"])
     assert {"bleu1", "bleu4", "cider", "exact_match"} <= result.keys()
     # the folder is what sample.py loads, strictly, with the same weights
     model, tok = common.load_model(str(out))
@@ -1367,15 +1357,14 @@ def test_resume_after_kill_is_bit_exact(shapes_dir, uninterrupted, tmp_path, sig
     if sig == signal.SIGINT:  # saved at a step boundary, told how to go on
         assert p.returncode == 130 and "python train.py --resume" in log
     step = torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"]
-    assert 5 <= step < 48  # really stopped part-way
+    assert 5 <= step < 60  # really stopped part-way
     train.train(train.get_args(tiny_args(shapes_dir, tmp_path, "--resume")))
     assert_same_weights(weights(tmp_path), weights(uninterrupted[0]))
 
 
 def test_torchrun_two_cpu_processes(shapes_dir, tmp_path):
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        "train.py", *tiny_args(shapes_dir, tmp_path, "--max-steps", "6", "--batch-size", "16",
-                                               "--captions-per-image", "1")],
+                        "train.py", *tiny_args(shapes_dir, tmp_path, "--max-steps", "6")],
                        cwd=HERE, capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "2 processes" in r.stdout and r.stdout.count("val loss") == 2  # rank 0 alone logs (steps 5, 6)
@@ -1384,7 +1373,7 @@ def test_torchrun_two_cpu_processes(shapes_dir, tmp_path):
 
 
 def test_torchrun_ctrl_c_in_one_process_stops_both_at_one_step(shapes_dir, tmp_path):
-    args = tiny_args(shapes_dir, tmp_path, "--epochs", "60", "--batch-size", "16", "--captions-per-image", "1")
+    args = tiny_args(shapes_dir, tmp_path, "--epochs", "60")
     p = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                           "train.py", *args], cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 120
@@ -1431,7 +1420,6 @@ def one_line_exit(capsys, main, argv):
     (["--lr", "-1"], "--lr -1.0: must be above 0"), (["--vocab-size", "100"], "--vocab-size 100"),
     (["--dropout", "1.5"], "--dropout 1.5"), (["--epochs", "0"], "--epochs 0"), (["--epochs", "-1"], "--epochs -1"),
     (["--grad-clip", "-1"], "--grad-clip -1.0"), (["--warmup-steps", "-3"], "--warmup-steps -3"),
-    (["--batch-size", "64", "--captions-per-image", "5"], "--batch-size 64: must be a multiple of"),
     (["--resume", "--overwrite"], "--resume True"), (["--device", "cuda:7" if torch.cuda.is_available() else "cuda"],
                                                      "--device cuda"),
     (["--max-steps", "0"], "--max-steps 0")])
@@ -1479,7 +1467,7 @@ def test_resume_refuses_contradictions_and_says_what_changes(shapes_dir, tmp_pat
     assert train.main(tiny_args(shapes_dir, tmp_path, "--resume", "--epochs", "5", "--eval-interval", "7",
                                 "--max-steps", "8")) == 0
     out = capsys.readouterr().out
-    assert "--epochs 5 instead of 4" in out and "--eval-interval 7 instead of 5" in out and "60 steps" in out
+    assert "--epochs 5 instead of 4" in out and "--eval-interval 7 instead of 5" in out and "75 steps" in out
 
 
 class DiskFull:
@@ -1568,10 +1556,10 @@ def test_a_batch_is_gathered_on_its_device_without_copies():
             seen.append((func, {t.device.type for t in ts}))
             return func(*args, **(kwargs or {}))
 
-    train.get_batch(rows, 12, tokens, image_of, images, 5)  # the first call makes the mean/std tensors
+    train.get_batch(rows, 12, tokens, image_of, images)  # the first call makes the mean/std tensors
     with Devices():
-        x, ids, targets = train.get_batch(rows, 12, tokens, image_of, images, 5)
-    assert x.shape == (2, 3, 112, 112) and ids.shape == targets.shape == (10, 12)
+        x, ids, targets = train.get_batch(rows, 12, tokens, image_of, images)
+    assert x.shape == (10, 3, 112, 112) and ids.shape == targets.shape == (10, 12)
     assert all(devices == {"meta"} for _, devices in seen), [f for f, d in seen if d != {"meta"}]
 
 

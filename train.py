@@ -47,17 +47,16 @@ from model import VLM, Config
 
 # Flickr8k gets the card's recipe but for the peak learning rate: on the real photos at hand, 1e-3
 # reached a lower validation loss than the card's 3e-4 in the same steps (4.34 vs 4.62; 2e-3 overfit).
-# Shapes is far easier and must finish on a laptop CPU: each batch holds 12 images with all 5 of their
-# captions, so the CNN runs once per image instead of once per caption (README: "the laptop path").
+# Shapes is far easier and must finish on a laptop CPU (README: "the laptop path").
 RECIPES = {
-    "flickr8k": dict(epochs=15, batch_size=64, captions_per_image=1, lr=1e-3, min_lr=3e-5, warmup_steps=200),
-    "shapes": dict(epochs=6, batch_size=60, captions_per_image=5, lr=2e-3, min_lr=1e-4, warmup_steps=100),
+    "flickr8k": dict(epochs=15, batch_size=64, lr=1e-3, min_lr=3e-5, warmup_steps=200),
+    "shapes": dict(epochs=6, batch_size=64, lr=2e-3, min_lr=1e-4, warmup_steps=100),
 }
 SHARED = dict(weight_decay=0.01, grad_clip=1.0, seed=1337, vocab_size=2048, n_vis=16, dropout=0.0,
               log_interval=20, eval_interval=None, dtype="auto")
 # On --resume these must match the checkpoint (another dataset, data order or model is another run);
 # the other settings may change, and the run says what changed.
-FIXED = ("data", "batch_size", "captions_per_image", "seed", "vocab_size", "n_vis", "dropout")
+FIXED = ("data", "batch_size", "seed", "vocab_size", "n_vis", "dropout")
 SETTINGS = ("data", "data_dir", "prep_dir", *RECIPES["shapes"], *SHARED)  # what a checkpoint remembers
 
 
@@ -68,8 +67,7 @@ def get_args(argv=None):
     p.add_argument("--out-dir", default="out")
     for name, kind, what in (
             ("epochs", int, "passes over the training pairs"), ("batch-size", int, "pairs per step, per process"),
-            ("captions-per-image", int, "each image comes with this many of its captions: the CNN runs once "
-             "for all of them"), ("lr", float, "peak learning rate (the card: 3e-4)"), ("min-lr", float, ""),
+            ("lr", float, "peak learning rate (the card: 3e-4)"), ("min-lr", float, ""),
             ("warmup-steps", int, ""), ("weight-decay", float, ""), ("grad-clip", float, ""), ("seed", int, ""),
             ("vocab-size", int, ""), ("n-vis", int, "visual tokens: 16 is the card's 4x4 grid, 1 a single "
              "pooled token (the ablation)"), ("dropout", float, ""), ("log-interval", int, "steps"),
@@ -99,9 +97,6 @@ def check_args(a):
     grid = math.isqrt(a.n_vis) if a.n_vis > 0 else 0
     check_flags(a, [
         ("--epochs", a.epochs >= 1, "at least 1"), ("--batch-size", a.batch_size >= 1, "at least 1"),
-        ("--captions-per-image", a.captions_per_image >= 1, "at least 1"),
-        ("--batch-size", a.batch_size % a.captions_per_image == 0,
-         f"a multiple of --captions-per-image {a.captions_per_image}"),
         ("--lr", a.lr > 0, "above 0"), ("--min-lr", 0 <= a.min_lr <= a.lr, f"between 0 and --lr {a.lr}"),
         ("--warmup-steps", a.warmup_steps >= 0, "0 or more"), ("--weight-decay", a.weight_decay >= 0, "0 or more"),
         ("--grad-clip", a.grad_clip > 0, "above 0"), ("--seed", a.seed >= 0, "0 or more"),
@@ -117,16 +112,15 @@ def check_args(a):
 # -----------------------------------------------------------------------------
 # Data: every (image, caption) pair becomes one row of token ids
 
-def encode_pairs(split, tok, max_seq, k=1):
+def encode_pairs(split, tok, max_seq):
     """Rows [BOS, caption..., EOS, PAD...] of length max_seq+1, the image of each row, its input length.
-    k=1: every caption of every image; k>1: exactly k rows per image, image after image.
 
     A row's first max_seq tokens are the model's input and its last max_seq the targets, so
     "a dog" -> ids [BOS a dog EOS PAD], targets [a dog EOS PAD PAD]: teacher forcing.
     """
     rows, image_of = [], []
     for i, caps in enumerate(split.captions):
-        for c in caps if k == 1 else [caps[j % len(caps)] for j in range(k)]:
+        for c in caps:
             rows.append([tok.bos_id] + tok.encode(c)[: max_seq - 1] + [tok.eos_id])
             image_of.append(i)
     tokens = torch.full((len(rows), max_seq + 1), tok.pad_id, dtype=torch.long)
@@ -138,20 +132,18 @@ def encode_pairs(split, tok, max_seq, k=1):
 
 def epoch_order(lengths, epoch, args, rank, world):
     """This rank's batches of row indices for one epoch, (steps, batch), and the longest input of each
-    batch. A pure function of (seed, epoch): resuming needs nothing but the step to find its place.
-    With k captions per image, an image's k rows stay together (rows come k per image)."""
-    k, g = args.captions_per_image, torch.Generator().manual_seed(args.seed + epoch)
-    perm = (torch.randperm(len(lengths) // k, generator=g)[:, None] * k + torch.arange(k)).flatten()
+    batch. A pure function of (seed, epoch): resuming needs nothing but the step to find its place."""
+    perm = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(args.seed + epoch))
     steps = len(perm) // world // args.batch_size  # the ragged end is dropped: every rank takes equal steps
     mine = perm[rank * steps * args.batch_size:(rank + 1) * steps * args.batch_size].view(steps, args.batch_size)
     return mine, lengths[mine].amax(1).tolist()
 
 
-def get_batch(rows, T, tokens, image_of, images, k):
+def get_batch(rows, T, tokens, image_of, images):
     """Images and teacher-forcing ids for rows (B,), every tensor on one device; cut to T, the batch's
-    longest input (known on the CPU, so no sync). Each image once: (B/k, 3, 112, 112)."""
+    longest input (known on the CPU, so no sync)."""
     ids, targets = tokens[rows, :T], tokens[rows, 1:T + 1]  # (B, T) each
-    return data.normalize(images[image_of[rows[::k]]]), ids, targets
+    return data.normalize(images[image_of[rows]]), ids, targets  # (B, 3, 112, 112), ids, targets
 
 
 def lr_at(step, total, args):
@@ -202,16 +194,15 @@ class Run:
 
 
 @torch.no_grad()
-def val_loss(model, pairs, images, autocast, k, batches=20, batch_size=60):
+def val_loss(model, pairs, images, autocast, batches=20, batch_size=64):
     """Mean loss over a fixed slice of the validation pairs."""
     tokens, image_of, lengths = pairs
-    batch_size -= batch_size % k  # whole images only
     losses = []
     model.eval()
     for i in range(0, min(len(lengths), batches * batch_size), batch_size):
         rows = torch.arange(i, min(i + batch_size, len(lengths)), device=tokens.device)
         with autocast:
-            batch = get_batch(rows, int(lengths[i:i + batch_size].max()), tokens, image_of, images, k)
+            batch = get_batch(rows, int(lengths[i:i + batch_size].max()), tokens, image_of, images)
             losses.append(model(*batch)[1].float())
     model.train()
     return torch.stack(losses).mean().item()
@@ -219,7 +210,7 @@ def val_loss(model, pairs, images, autocast, k, batches=20, batch_size=60):
 
 def validate(run, val, images, autocast, val_names, log):
     """At each evaluation: validation loss, three greedy captions to read, best.pt, ckpt.pt, loss.png."""
-    loss = check_finite(val_loss(run.model, val, images, autocast, run.args.captions_per_image), run)
+    loss = check_finite(val_loss(run.model, val, images, autocast), run)
     run.history["val"].append((run.step, loss))
     log(f"step {run.step}: val loss {loss:.4f}")
     run.model.eval()
@@ -299,9 +290,8 @@ def train(args):
     tok = Tokenizer.from_json(state["tokenizer"], "ckpt.pt") if state else train_tokenizer(train_split, args, log)
     config = Config(vocab_size=tok.vocab_size, n_vis=args.n_vis, dropout=args.dropout,
                     pad_id=tok.pad_id, bos_id=tok.bos_id, eos_id=tok.eos_id)
-    k = args.captions_per_image
-    train_pairs = [t.to(device) for t in encode_pairs(train_split, tok, config.max_seq, k)]
-    val_pairs = [t.to(device) for t in encode_pairs(val_split, tok, config.max_seq, k)]
+    train_pairs = [t.to(device) for t in encode_pairs(train_split, tok, config.max_seq)]
+    val_pairs = [t.to(device) for t in encode_pairs(val_split, tok, config.max_seq)]
     val_pairs[2] = val_pairs[2].cpu()  # lengths: read on the CPU, no sync
     # The uint8 images stay whole on the device (225 MB for Flickr8k): a batch is one gather.
     train_images = torch.from_numpy(train_split.images).to(device)
@@ -340,7 +330,7 @@ def train(args):
         for g in run.opt.param_groups:
             g["lr"] = lr
         torch.manual_seed(args.seed + run.step * world + rank)  # dropout masks: a function of the step
-        x, ids, targets = get_batch(order[i], longest[i], *train_pairs[:2], train_images, k)
+        x, ids, targets = get_batch(order[i], longest[i], *train_pairs[:2], train_images)
         with autocast:
             _, loss = model(x, ids, targets)
         run.scaler.scale(loss).backward()
