@@ -160,52 +160,42 @@ def write_safetensors(path, tensors, metadata=None):
 
 
 def read_safetensors(path):
-    """{name: tensor} from a .safetensors file, refusing anything malformed in one line.
-    Every size is checked against the bytes actually in the file before anything is allocated."""
-    def bad(why):
-        return UserError(f"{path}: not a valid safetensors file: {why}")
+    """{name: tensor} from a .safetensors file, refusing anything malformed in one line. Every size is
+    checked against the bytes actually in the file before anything is allocated."""
+    def check(ok, why):
+        if not ok:
+            raise UserError(f"{path}: not a valid safetensors file: {why}")
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
-        if size < 8:
-            raise bad(f"only {size} bytes")
+        check(size >= 8, f"only {size} bytes")
         (n,) = struct.unpack("<Q", f.read(8))
-        if n > min(size - 8, MAX_HEADER):
-            raise bad(f"header length {n} goes beyond the file's {size} bytes")
+        check(n <= min(size - 8, MAX_HEADER), f"header length {n} goes beyond the file's {size} bytes")
         head, blob = f.read(n), f.read()  # blob: the data the file holds, whatever the header claims
     try:
         header = json.loads(head)
     except ValueError:  # also UnicodeDecodeError
-        raise bad("header is not JSON") from None
-    if not isinstance(header, dict):
-        raise bad("header is not a JSON object")
+        check(False, "header is not JSON")
+    check(isinstance(header, dict), "header is not a JSON object")
     header.pop("__metadata__", None)  # free-form strings, e.g. {"format": "pt"}
-    spans = []
+    spans, end = [], 0
     for name, info in header.items():
-        if not isinstance(info, dict):
-            raise bad(f"entry {name!r} is not an object")
+        info = info if isinstance(info, dict) else {}
         dtype, shape, offsets = DTYPES.get(info.get("dtype")), info.get("shape"), info.get("data_offsets")
-        if dtype is None:
-            raise bad(f"tensor {name!r} has unknown dtype {info.get('dtype')!r}")
-        if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
-            raise bad(f"tensor {name!r} has shape {shape!r}, not a list of sizes")
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
-                and 0 <= offsets[0] <= offsets[1] <= len(blob)):
-            raise bad(f"tensor {name!r} has data_offsets {offsets!r} outside the {len(blob)} data bytes")
+        a, b = offsets if isinstance(offsets, list) and len(offsets) == 2 else (None, None)
+        check(dtype is not None, f"tensor {name!r} has unknown dtype {info.get('dtype')!r}")
+        check(isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape),
+              f"tensor {name!r} has shape {shape!r}, not a list of sizes")
+        check(type(a) is int and type(b) is int and 0 <= a <= b <= len(blob),
+              f"tensor {name!r} has data_offsets {[a, b]} outside the {len(blob)} data bytes")
         need = math.prod(shape) * dtype.itemsize
-        if offsets[1] - offsets[0] != need:
-            raise bad(f"tensor {name!r}: shape {shape} of {info['dtype']} needs {need} bytes, "
-                      f"data_offsets give {offsets[1] - offsets[0]}")
-        spans.append((offsets[0], offsets[1], name, dtype, shape))
-    end = 0
-    for start, stop, name, _, _ in sorted(spans, key=lambda s: s[:2]):
-        if start != end:  # like the real library: the tensors tile the data, no gaps or overlaps
-            raise bad(f"tensor {name!r} starts at byte {start}, expected {end}")
-        end = stop
-    if end != len(blob):
-        raise bad(f"{len(blob) - end} bytes after the last tensor")
+        check(b - a == need, f"tensor {name!r}: shape {shape} needs {need} bytes, data_offsets give {b - a}")
+        spans.append((a, b, name, dtype, shape))
+    for a, b, name, _, _ in sorted(spans, key=lambda s: s[:2]):
+        check(a == end, f"tensor {name!r} starts at byte {a}, expected {end}")  # no gaps, no overlaps
+        end = b
+    check(end == len(blob), f"{len(blob) - end} bytes after the last tensor")
     return {name: (torch.frombuffer(bytearray(blob[a:b]), dtype=dtype) if b > a  # frombuffer refuses 0 bytes
-                   else torch.empty(0, dtype=dtype)).reshape(shape)
-            for a, b, name, dtype, shape in spans}
+                   else torch.empty(0, dtype=dtype)).reshape(shape) for a, b, name, dtype, shape in spans}
 
 
 # ----------------------------------------------------------------------------- checkpoints
