@@ -279,9 +279,8 @@ IMAGE_DIRS = ("Flicker8k_Dataset", "Flickr8k_Dataset", "images128", "Images", ".
 
 
 def parse_tokens(path):
-    """Flickr8k.token.txt -> ({image name: [cleaned captions]}, number of malformed lines), e.g.
-    '1000268201_693b08cb0e.jpg#0<TAB>A child in a pink dress .' -> {'1000268201_693b08cb0e.jpg':
-    ['a child in a pink dress']}. A space instead of the TAB is accepted."""
+    """Flickr8k.token.txt -> ({image name: [cleaned captions]}, number of malformed lines); a space may
+    stand for the TAB. 'x.jpg#0<TAB>A child in a pink dress .' -> {'x.jpg': ['a child in a pink dress']}"""
     captions, malformed = {}, 0
     with open(path, encoding="utf-8", errors="replace") as f:
         for line in f:
