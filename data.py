@@ -1,21 +1,16 @@
 """
-data.py: the two datasets of SupraVL-Nano, each prepared once into uint8 arrays that training reads.
+data.py: the two datasets, each prepared once into the uint8 arrays that training reads.
 
-- Shapes (built in, offline, the quick start's): procedural images of one or two coloured shapes, each
-  with 5 captions that name colour, size, shape and where the two objects are relative to each other.
-- Flickr8k (real photos, 5 captions each): downloaded (resumable), safely extracted, parsed, and
-  every photo decoded once, on all cores, to size x size.
-
-Both end in the same prepared format, so training has one code path:
-    {prep_dir}/{split}_images_{size}.npy   uint8 (N, size, size, 3)
+- shapes (built in, offline, the quick start's): one or two coloured shapes on a noisy background,
+  5 captions each naming colour, size, shape and where the two are relative to each other
+- Flickr8k (real photos, 5 captions each): downloaded (resumable), safely extracted, decoded on all cores
+Both end in one format, so training has one code path (prep_dir: --prep-dir, else --data-dir):
+    {prep_dir}/{split}_images_{size}.npy   uint8 (N, size, size, 3), squash-resized (no crop)
     {prep_dir}/{split}_captions.json       {"names": [...], "captions": [[caption, ...], ...]}
-prep_dir defaults to data_dir; pass --prep-dir when data_dir is read-only (prepare() returns it).
-The plumbing of downloads and archives comes last, after the datasets.
+Left out: augmentation, any other dataset. The plumbing (downloads, archives) comes last.
 
-Left out: augmentation, cropping (images are squash-resized), any other dataset.
-
-    python data.py --data shapes                    # -> data/shapes (+ contact_sheet.png)
-    python data.py --data flickr8k                  # -> data/flickr8k (download ~1 GB)
+    python data.py --data shapes        # -> data/shapes (+ contact_sheet.png), in seconds
+    python data.py --data flickr8k      # -> data/flickr8k (downloads ~1 GB)
     python data.py --data flickr8k --data-dir ../shared/flickr8k --prep-dir data/flickr8k-small
 """
 import argparse
@@ -44,40 +39,32 @@ SPLITS = ("train", "val", "test")
 # ----------------------------------------------------------------------------- captions and images
 
 def clean_caption(text):
-    """The one caption normaliser used everywhere.
-    >>> clean_caption("  A dog  runs\\tin the park . ")
-    'a dog runs in the park'
-    """
+    """The one normaliser of every caption: '  A dog  runs in the park . ' -> 'a dog runs in the park'."""
     text = " ".join(text.lower().split())
     return text[:-1].rstrip() if text.endswith(".") else text
 
 
 def load_image(path, size=112):
     """Any image Pillow reads -> uint8 (size, size, 3), squash-resized (no crop), BICUBIC."""
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise UserError(f"{path}: no such file")
-    if os.path.isdir(path):
-        raise UserError(f"{path}: is a folder, not an image")
+    if not os.path.exists(path) or os.path.isdir(path):
+        raise UserError(f"{path}: {'is a folder, not an image' if os.path.isdir(path) else 'no such file'}")
     if os.path.getsize(path) == 0:
         raise UserError(f"{path}: empty file, not an image")
     try:
-        with Image.open(path) as im:
+        with Image.open(path) as im:  # an animation: its first frame
             im.draft("RGB", (size, size))  # JPEG: decode at 1/2, 1/4 or 1/8 scale, several times faster
-            im = ImageOps.exif_transpose(im)  # first frame of an animation; camera rotation applied
-            im = _to_rgb(im).resize((size, size), Image.BICUBIC)
+            im = _to_rgb(ImageOps.exif_transpose(im)).resize((size, size), Image.BICUBIC)  # camera's rotation
     except Image.DecompressionBombError as e:
         raise UserError(f"{path}: refused as a decompression bomb ({e})") from None
     except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError... for bad files
         raise UserError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
-    return np.asarray(im, dtype=np.uint8)
+    return np.asarray(im, dtype=np.uint8)  # (size, size, 3)
 
 
 def _to_rgb(im):
-    """Any Pillow mode -> RGB; transparency (alpha, or a palette's transparent index) is composited
-    on white; 16/32-bit grey is scaled to 8 bits, where Pillow's convert() would clip it at 255."""
+    """Any mode -> RGB: transparency composited on white, 16/32-bit grey scaled (convert() would clip it)."""
     if im.mode in ("I", "F") or im.mode.startswith("I;16"):
-        a = np.asarray(im, dtype=np.float64)
+        a = np.asarray(im, dtype=np.float64)  # (H, W)
         if im.mode.startswith("I;16") or a.max() > 255:
             a = a / 257.0  # 0..65535 -> 0..255
         im = Image.fromarray(np.clip(a, 0, 255).astype(np.uint8), "L")
@@ -91,14 +78,12 @@ STD = (0.229, 0.224, 0.225)
 
 
 def normalize(images):
-    """uint8 (B, H, W, 3) on any device -> float32 (B, 3, H, W) with ImageNet mean/std."""
-    if isinstance(images, np.ndarray):
-        images = torch.from_numpy(images)
+    """uint8 (B, H, W, 3), array or tensor on any device -> float32 (B, 3, H, W) with ImageNet mean/std."""
+    images = torch.as_tensor(images)
     if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"normalize: expected uint8 (B, H, W, 3), got {images.dtype} {tuple(images.shape)}")
     shift, scale = _shift_scale(images.device)
-    # A view, not a copy: (B, H, W, 3) bytes already are the channels_last layout the conv encoder runs in.
-    x = images.permute(0, 3, 1, 2)  # (B, 3, H, W)
+    x = images.permute(0, 3, 1, 2)  # (B, 3, H, W), a view: HWC bytes are the channels_last layout convs want
     return torch.addcmul(shift, x.float(), scale)  # (x/255 - mean)/std in one pass
 
 
@@ -114,7 +99,7 @@ def _shift_scale(device):
 @dataclass
 class Split:
     names: list
-    images: np.ndarray  # (N, S, S, 3) uint8
+    images: np.ndarray  # uint8 (N, S, S, 3)
     captions: list  # N lists of cleaned captions
 
 
@@ -132,14 +117,14 @@ def save_split(prep_dir, split, names, images, captions, size):
         json.dump({"names": list(names), "captions": [list(c) for c in captions]}, f)
 
 
-def load_split(data_dir, split, size=112, mmap_mode=None):
+def load_split(prep_dir, split, size=112, mmap_mode=None):
     """Reads a prepared split; a missing or malformed one is a UserError naming the file."""
-    img_path, cap_path = _split_paths(data_dir, split, size)
+    img_path, cap_path = _split_paths(prep_dir, split, size)
     for p in (img_path, cap_path):
         if not os.path.isfile(p):
             raise UserError(f"{p}: not prepared (run python data.py --data ... first)")
     try:
-        images = np.load(img_path, mmap_mode=mmap_mode, allow_pickle=False)
+        images = np.load(img_path, mmap_mode=mmap_mode, allow_pickle=False)  # (N, S, S, 3)
     except (OSError, ValueError) as e:
         raise UserError(f"{img_path}: not a readable .npy array ({e})") from None
     if images.dtype != np.uint8 or images.shape[1:] != (size, size, 3):
@@ -158,7 +143,7 @@ def load_split(data_dir, split, size=112, mmap_mode=None):
     return Split(names, images, captions)
 
 
-# ----------------------------------------------------------------------------- Shapes
+# ----------------------------------------------------------------------------- shapes: the quick start's
 
 COLOURS = {"red": (215, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 225),  # far apart in RGB
            "yellow": (235, 215, 40), "purple": (140, 60, 190), "cyan": (40, 200, 215)}
@@ -210,9 +195,8 @@ def random_scene(rng):
 
 
 def scene_captions(objs):
-    """Five true, differently worded captions from a few fixed templates.
-    [small red circle left of large blue square] -> 'a small red circle to the left of a large blue square',
-    'a large blue square to the right of a small red circle', 'there is a ...', ..."""
+    """Five true, differently worded captions: [small red circle left of large blue square] ->
+    'a small red circle to the left of a large blue square', 'a large blue square to the right of ...', ..."""
     if len(objs) == 1:
         o = objs[0].phrase()
         return [f"a {o}", f"there is a {o}", f"a picture of a {o}", f"a single {o}", f"an image with one {o}"]
@@ -227,11 +211,11 @@ def scene_captions(objs):
 
 
 def draw_scene(objs, rng, size=112):
-    """Muted, tinted grey background with a gentle gradient, then the objects. -> uint8 (S, S, 3)"""
+    """A muted, tinted grey background with a gentle gradient, then the objects -> uint8 (S, S, 3)."""
     k = size / 112
     base = rng.uniform(60, 190) + rng.uniform(-15, 15, 3)  # (3,) grey with a tint
     angle, amp = rng.uniform(0, 2 * np.pi), rng.uniform(0, 20)
-    ramp = np.linspace(-amp, amp, size)
+    ramp = np.linspace(-amp, amp, size)  # (S,)
     bg = base + np.cos(angle) * ramp[None, :, None] + np.sin(angle) * ramp[:, None, None]  # (S, S, 3)
     im = Image.fromarray(np.clip(bg, 0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(im)
@@ -248,26 +232,30 @@ def draw_scene(objs, rng, size=112):
 
 
 def make_shapes(data_dir, sizes=(6000, 1000, 1000), seed=0, size=112, log=print):
-    """Generates the three splits into data_dir. Each split has its own random streams (disjoint),
-    and scenes use a stream of their own, so captions are the same at every image size."""
+    """The three splits, and contact_sheet.png of val, into data_dir. Each split has random streams of
+    its own (so splits are disjoint), scenes apart from pixels (so captions are the same at any size)."""
     os.makedirs(data_dir, exist_ok=True)
     for i, (split, n) in enumerate(zip(SPLITS, sizes)):
         scene_rng, pixel_rng = np.random.default_rng([seed, i, 0]), np.random.default_rng([seed, i, 1])
         scenes = [random_scene(scene_rng) for _ in range(n)]
-        images = np.zeros((n, size, size, 3), np.uint8)
+        images = np.zeros((n, size, size, 3), np.uint8)  # (N, S, S, 3)
         for j, objs in enumerate(scenes):
             images[j] = draw_scene(objs, pixel_rng, size)
         for j in range(0, n, 512):  # pixel noise, vectorised in chunks to bound memory
-            chunk = images[j:j + 512]
+            chunk = images[j:j + 512]  # (<=512, S, S, 3), a view
             chunk[:] = np.clip(chunk + pixel_rng.integers(-12, 13, chunk.shape, dtype=np.int16), 0, 255)
-        save_split(data_dir, split, [f"shapes_{split}_{j:05d}" for j in range(n)], images,
-                   [scene_captions(objs) for objs in scenes], size)
+        s = Split([f"shapes_{split}_{j:05d}" for j in range(n)], images, [scene_captions(o) for o in scenes])
+        save_split(data_dir, split, s.names, s.images, s.captions, size)
         log(f"  {split:5s}: {n} images generated")
+        if split == "val":  # a first look for a person: 12 images and their captions
+            sheet = os.path.join(data_dir, "contact_sheet.png")
+            contact_sheet(s, sheet)
+            log(f"  wrote {sheet}")
 
 
 def contact_sheet(split, path, n=12, cols=4):
     """A PNG of the first n images (shown at 2x) with their captions beneath, for a person to look at."""
-    font = ImageFont.load_default(size=12)  # bitmap fallback when Pillow lacks FreeType
+    font = ImageFont.load_default(size=12)  # a bitmap fallback when Pillow lacks FreeType
     n = min(n, len(split.names))
     cell_w, cell_h = 240, 240 + 14 * 12
     sheet = Image.new("RGB", (cell_w * cols, cell_h * max(1, -(-n // cols))), "white")
@@ -281,7 +269,7 @@ def contact_sheet(split, path, n=12, cols=4):
         sheet.save(f, format="PNG")
 
 
-# ----------------------------------------------------------------------------- Flickr8k
+# ----------------------------------------------------------------------------- Flickr8k: real photos
 
 DEFAULT_BASE_URL = "https://github.com/jbrownlee/Datasets/releases/download/Flickr8k/"
 SPLIT_LISTS = {"train": "Flickr_8k.trainImages.txt", "val": "Flickr_8k.devImages.txt",
@@ -291,16 +279,15 @@ IMAGE_DIRS = ("Flicker8k_Dataset", "Flickr8k_Dataset", "images128", "Images", ".
 
 
 def parse_tokens(path):
-    """Flickr8k.token.txt -> ({image name: [cleaned captions]}, number of malformed lines).
-    '1000268201_693b08cb0e.jpg#0<TAB>A child in a pink dress .' -> '1000268201_693b08cb0e.jpg':
-    ['a child in a pink dress']. A space instead of the TAB is accepted."""
+    """Flickr8k.token.txt -> ({image name: [cleaned captions]}, number of malformed lines); a space may
+    stand for the TAB. 'x.jpg#0<TAB>A child in a pink dress .' -> {'x.jpg': ['a child in a pink dress']}"""
     captions, malformed = {}, 0
     with open(path, encoding="utf-8", errors="replace") as f:
         for line in f:
             m = re.match(r"^(\S+)#\d+\s+(.*\S)", line)
             caption = clean_caption(m[2]) if m else ""
             if not caption:
-                malformed += line.strip() != ""
+                malformed += line.strip() != ""  # a blank line is not malformed
                 continue
             captions.setdefault(m[1], []).append(caption)
     return captions, malformed
@@ -326,31 +313,32 @@ def decode_images(paths, size=112, workers=None, label="images"):
     """Decodes every path once, on all cores -> (uint8 (N, S, S, 3) of the good ones, ok flags, errors)."""
     workers = workers or os.cpu_count() or 1
     jobs = [(p, size) for p in paths]
-    pool = ProcessPoolExecutor(workers) if workers > 1 and len(jobs) >= 64 else None
+    pool = ProcessPoolExecutor(workers) if workers > 1 and len(jobs) >= 64 else None  # a few: not worth one
     out, ok, errors, n, t0 = np.zeros((len(jobs), size, size, 3), np.uint8), [], [], 0, time.time()
     try:
-        for i, (img, err) in enumerate(pool.map(_decode, jobs, chunksize=16) if pool else map(_decode, jobs), 1):
+        results = pool.map(_decode, jobs, chunksize=16) if pool else map(_decode, jobs)
+        for i, (img, err) in enumerate(results, 1):
             ok.append(img is not None)
             if img is not None:
-                out[n], n = img, n + 1  # good images packed to the front, in order
+                out[n], n = img, n + 1  # the good images packed to the front, in order
             else:
                 errors.append(err)
             rate = i / (time.time() - t0)
             progress(f"  decoding {label}: {i}/{len(jobs)} ({rate:.0f} img/s)", end=i == len(jobs))
     finally:
         if pool:
-            pool.shutdown(cancel_futures=True)
+            pool.shutdown(cancel_futures=True)  # on Ctrl-C too: drop the queued work
     return out[:n], ok, errors
 
 
 def prepare_flickr8k(data_dir, size=112, base_url=DEFAULT_BASE_URL, log=print, prep_dir=None):
-    """Download (if needed), extract, parse and decode Flickr8k into the prepared format."""
+    """Downloads (if needed), extracts, parses and decodes Flickr8k into the prepared format."""
     os.makedirs(data_dir, exist_ok=True)
     token_path = os.path.join(data_dir, TOKEN_FILE)
     for archive, extracted in (("Flickr8k_text.zip", lambda: os.path.isfile(token_path)),
                                ("Flickr8k_Dataset.zip", lambda: _find_image_dir(data_dir))):
         if extracted():
-            continue  # already extracted (or a folder that came without zips)
+            continue  # extracted before, or a folder that came without zips
         zip_path, url = os.path.join(data_dir, archive), base_url.rstrip("/") + "/" + archive
         if not os.path.exists(zip_path):
             log(f"downloading {url}")
@@ -369,14 +357,14 @@ def prepare_flickr8k(data_dir, size=112, base_url=DEFAULT_BASE_URL, log=print, p
             raise UserError(f"{list_path}: split list not found")
         with open(list_path, encoding="utf-8", errors="replace") as f:
             listed = list(dict.fromkeys(line.strip() for line in f if line.strip()))  # unique, in order
-        uncaptioned = [n for n in listed if n not in captions]
         present = [n for n in listed if n in captions and os.path.isfile(os.path.join(image_dir, n))]
         images, ok, errors = decode_images([os.path.join(image_dir, n) for n in present], size, label=split)
         names = [n for n, good in zip(present, ok) if good]
         save_split(prep_dir or data_dir, split, names, images, [captions[n] for n in names], size)
+        uncaptioned = sum(n not in captions for n in listed)
         log(f"  {split:5s}: {len(names)} of {len(listed)} listed images prepared; skipped "
-            f"{len(listed) - len(uncaptioned) - len(present)} missing, {len(errors)} unreadable, "
-            f"{len(uncaptioned)} without captions")
+            f"{len(listed) - uncaptioned - len(present)} missing, {len(errors)} unreadable, "
+            f"{uncaptioned} without captions")
         for err in errors[:3]:
             log(f"    {err}")
 
@@ -384,29 +372,26 @@ def prepare_flickr8k(data_dir, size=112, base_url=DEFAULT_BASE_URL, log=print, p
 # ----------------------------------------------------------------------------- one entry point
 
 def prepare(data, data_dir=None, size=112, base_url=DEFAULT_BASE_URL, log=print, prep_dir=None):
-    """Makes sure all three splits of `data` are prepared; a second call only checks them.
-    Prepared files go into prep_dir (default: data_dir). Returns prep_dir, for load_split."""
+    """Makes sure the three splits of `data` are prepared in prep_dir (default: data_dir) and returns it,
+    for load_split. A second call only checks them; a split that fails to load is made again."""
     if data not in ("flickr8k", "shapes"):
         raise UserError(f"unknown dataset {data!r} (use flickr8k or shapes)")
     data_dir = data_dir or os.path.join("data", data)
     prep_dir = prep_dir or data_dir
     try:
-        splits = [load_split(prep_dir, s, size, mmap_mode="r") for s in SPLITS]  # headers only: a check
+        [load_split(prep_dir, s, size, mmap_mode="r") for s in SPLITS]  # headers only: a quick check
         log(f"{data}: already prepared in {prep_dir} at {size}x{size}")
-    except UserError:  # absent, or half written by a run that was killed: (re)make it
+    except UserError:  # absent, or half written by a run that was killed
         _check_writable(prep_dir)
         t0 = time.time()
+        log(f"{data}: preparing into {prep_dir}")
         if data == "shapes":
-            log(f"shapes: generating into {prep_dir}")
             make_shapes(prep_dir, size=size, log=log)
-            contact_sheet(load_split(prep_dir, "val", size), os.path.join(prep_dir, "contact_sheet.png"))
-            log(f"  wrote {os.path.join(prep_dir, 'contact_sheet.png')}")
         else:
-            log(f"flickr8k: preparing {data_dir} into {prep_dir}")
             prepare_flickr8k(data_dir, size, base_url, log, prep_dir)
         log(f"{data}: prepared in {time.time() - t0:.1f}s")
-        splits = [load_split(prep_dir, s, size, mmap_mode="r") for s in SPLITS]
-    for split, s in zip(SPLITS, splits):
+    for split in SPLITS:
+        s = load_split(prep_dir, split, size, mmap_mode="r")
         log(f"  {split:5s}: {len(s.names):5d} images, {sum(map(len, s.captions)):6d} captions")
     return prep_dir
 
@@ -420,58 +405,61 @@ def _check_writable(prep_dir):
         raise UserError(f"{prep_dir}: not writable; pass --prep-dir DIR for the prepared arrays")
 
 
+# ----------------------------------------------------------------------------- plumbing: downloads, archives
 
+ADVICE = "check the network, use --base-url for a mirror, or --data shapes to work offline"
 
-# ----------------------------------------------------------------------------- plumbing: downloads and archives
 
 class _Retry(Exception):
     """A failed try that another one may fix: HTTP 5xx, a short body, a range we did not ask for."""
 
 
 def download(url, dest, retries=4, backoff=1.0, timeout=(10, 60)):
-    """Streams url to dest via dest.part, resuming with a Range request after a failure.
+    """Streams url to dest via dest.part, retrying (1, 2, 4, 8 s apart) and resuming where it broke off.
     dest appears only when complete. HTTP errors and exhausted retries raise UserError."""
-    part, name = dest + ".part", os.path.basename(dest)
-    advice = "check the network, use --base-url for a mirror, or --data shapes to work offline"
     for attempt in range(retries + 1):
-        have = os.path.getsize(part) if os.path.exists(part) else 0
         try:
-            with requests.get(url, headers={"Range": f"bytes={have}-"} if have else {}, stream=True,
-                              timeout=timeout) as r:
-                code = r.status_code
-                if code >= 500:
-                    raise _Retry(f"HTTP {code}")
-                if code >= 400 and code != 416:
-                    raise UserError(f"{url}: HTTP {code} {r.reason}; {advice}")
-                resumed = code == 206 and r.headers.get("Content-Range", "").startswith(f"bytes {have}-")
-                if code in (206, 416) and not resumed:  # our .part is not a prefix the server knows
-                    os.remove(part)
-                    raise _Retry(f"HTTP {code} for bytes={have}-, starting over")
-                have = have if resumed else 0  # 200: the server ignored Range and sends it all, from byte 0
-                length = r.headers.get("Content-Length", "")
-                total = have + int(length) if length.isdigit() else None
-                t0 = time.time()
-                with open(part, "ab" if resumed else "wb") as f:
-                    for chunk in r.iter_content(1 << 16):
-                        f.write(chunk)
-                        speed = (f.tell() - have) / max(time.time() - t0, 1e-6)
-                        of = f"/{total / 1e6:.1f}" if total else ""
-                        eta = f"ETA {(total - f.tell()) / max(speed, 1):.0f}s" if total else ""
-                        progress(f"  {name}: {f.tell() / 1e6:.1f}{of} MB {speed / 1e6:.2f} MB/s {eta}")
-            got = os.path.getsize(part)
-            if total is not None and got != total:
-                raise _Retry(f"got {got} of {total} bytes")
-            progress(f"  {name}: {got / 1e6:.1f} MB downloaded", end=True)
-            os.replace(part, dest)
+            _download_once(url, dest + ".part", timeout)
+            os.replace(dest + ".part", dest)
             return dest
         except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError,
                 _Retry) as e:
             if attempt == retries:
                 why = e if isinstance(e, _Retry) else type(e).__name__
-                raise UserError(f"{url}: download failed after {retries + 1} tries ({why}); {advice}") from None
-            time.sleep(backoff * 2 ** attempt)  # 1, 2, 4, 8 s: give a flaky link time to recover
+                raise UserError(f"{url}: download failed after {retries + 1} tries ({why}); {ADVICE}") from None
+            time.sleep(backoff * 2 ** attempt)  # give a flaky link time to recover
         except requests.RequestException as e:  # a bad URL and the like: retrying will not help
-            raise UserError(f"{url}: {type(e).__name__}; {advice}") from None
+            raise UserError(f"{url}: {type(e).__name__}; {ADVICE}") from None
+
+
+def _download_once(url, part, timeout):
+    """One request: appends to part if the server resumes where part ends, else writes it from byte 0."""
+    have = os.path.getsize(part) if os.path.exists(part) else 0
+    with requests.get(url, headers={"Range": f"bytes={have}-"} if have else {}, stream=True,
+                      timeout=timeout) as r:
+        if r.status_code >= 500:
+            raise _Retry(f"HTTP {r.status_code}")
+        if r.status_code >= 400 and r.status_code != 416:
+            raise UserError(f"{url}: HTTP {r.status_code} {r.reason}; {ADVICE}")
+        resumed = r.status_code == 206 and r.headers.get("Content-Range", "").startswith(f"bytes {have}-")
+        if r.status_code in (206, 416) and not resumed:  # our .part is not a prefix the server knows
+            os.remove(part)
+            raise _Retry(f"HTTP {r.status_code} for bytes={have}-, starting over")
+        have = have if resumed else 0  # 200: the server ignored Range and sends it all, from byte 0
+        length = r.headers.get("Content-Length", "")
+        total = have + int(length) if length.isdigit() else None
+        name, t0 = os.path.basename(url), time.time()
+        with open(part, "ab" if resumed else "wb") as f:
+            for chunk in r.iter_content(1 << 16):
+                f.write(chunk)
+                speed = (f.tell() - have) / max(time.time() - t0, 1e-6)  # bytes/s
+                of = f"/{total / 1e6:.1f}" if total else ""
+                left = f", {(total - f.tell()) / max(speed, 1):.0f}s left" if total else ""
+                progress(f"  {name}: {f.tell() / 1e6:.1f}{of} MB at {speed / 1e6:.2f} MB/s{left}")
+    got = os.path.getsize(part)
+    if total is not None and got != total:
+        raise _Retry(f"got {got} of {total} bytes")
+    progress(f"  {name}: {got / 1e6:.1f} MB downloaded", end=True)
 
 
 def extract_zip(path, dest_dir):
