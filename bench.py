@@ -1,18 +1,15 @@
 """
 bench.py: every speed figure the project claims, each beside a baseline measured in the same run.
 
-    tokenizer   bpe.py's incremental trainer vs its plain one (every pair recounted for every merge),
-                and BPE vs whole words on the Flickr8k captions (unknown words, tokens per caption)
-    generation  batched, cached decoding vs the plain loop (model.generate_plain one image at a time, as
-                the card's code runs it; and the card's beam search, one beam at a time), same weights
-    training    images/s of a batch-64 training step in fp32 and bf16 autocast, as a fraction of the
-                machine's fp32 matmul peak, with Flickr8k's and shapes' caption lengths
-    data        a batch gathered from the prepared uint8 arrays vs a training step; decoding real
-                Flickr8k JPEGs when ../shared has them
-    sampling    whole-process time to the first caption, and beam-search captions/s over a split
-    --recipes   the shapes run end to end, today's recipe beside the one before it (minutes)
+    tokenizer   the incremental BPE trainer vs bpe.py's plain one; BPE vs whole words on Flickr8k
+    generation  cached, batched decoding vs the plain loops (the whole sequence again for every token,
+                one image and one beam at a time, as the card's code does), same weights
+    training    a batch-64 step in fp32 and bf16 autocast, as a share of the machine's matmul peak
+    data        a batch gathered from the uint8 arrays vs a step; decoding real Flickr8k JPEGs
+    sampling    whole-process time to the first caption; beam-search captions/s
+    --recipes   the shapes run end to end, today's recipe beside the one before it
 
-Left out: GPU figures (train.py prints pairs/s wherever it runs). Figures that need ../shared/flickr8k
+Left out: GPU figures (train.py prints img/s wherever it runs). Figures that need ../shared/flickr8k
 are skipped when it is absent.
 
     python bench.py            # about a minute on 2 cores

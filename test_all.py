@@ -1422,7 +1422,7 @@ def one_line_exit(capsys, main, argv):
     (["--grad-clip", "-1"], "--grad-clip -1.0"), (["--warmup-steps", "-3"], "--warmup-steps -3"),
     (["--resume", "--overwrite"], "--resume True"), (["--device", "cuda:7" if torch.cuda.is_available() else "cuda"],
                                                      "--device cuda"),
-    (["--max-steps", "0"], "--max-steps 0")])
+    (["--max-steps", "0"], "--max-steps 0"), (["--eval-interval", "0"], "--eval-interval 0")])
 def test_bad_train_flags_are_one_line_and_create_nothing(tmp_path, capsys, flags, says):
     out = tmp_path / "out"
     code, err = one_line_exit(capsys, train.main, ["--data", "shapes", "--data-dir", str(tmp_path / "d"),

@@ -348,8 +348,8 @@ def check_args(a):
         ("--vocab-size", 259 <= a.vocab_size <= 65536, "259 (3 specials + 256 bytes) to 65536"),
         ("--n-vis", 1 <= a.n_vis <= 196 and grid * grid == a.n_vis, "a square from 1 to 196 (1, 4, 9, 16, ...)"),
         ("--dropout", 0 <= a.dropout < 1, "in [0, 1)"), ("--log-interval", a.log_interval >= 1, "at least 1"),
-        ("--eval-interval", (a.eval_interval or 1) >= 1, "at least 1"),
-        ("--max-steps", (a.max_steps or 1) >= 1, "at least 1"),
+        ("--eval-interval", a.eval_interval is None or a.eval_interval >= 1, "at least 1"),
+        ("--max-steps", a.max_steps is None or a.max_steps >= 1, "at least 1"),
         ("--resume", not (a.resume and a.overwrite), "given without --overwrite (continue a run, or replace it)"),
         ("--out-dir", not os.path.isfile(a.out_dir), "a folder, not a file")])
 
