@@ -242,7 +242,7 @@ def main():
     p.add_argument("--recipes", action="store_true", help="also time two full shapes runs (minutes)")
     args = p.parse_args()
     t0 = time.time()
-    train.keep_freed_memory()  # as train.py does on the CPU
+    common.keep_freed_memory()  # as train.py does on the CPU
     parts = [bench_tokenizer, bench_generation, bench_training, bench_preparation, bench_sampling]
     for part in parts + ([lambda quick: bench_recipes()] if args.recipes else []):
         part(args.quick)

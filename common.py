@@ -13,6 +13,7 @@ Left out: sharded checkpoints, remote model hubs, pickled Python objects of any 
 Tests: python -m pytest -q test_all.py -k "common or safetensors or load_model or published"
 """
 import contextlib
+import ctypes
 import json
 import math
 import os
@@ -111,6 +112,34 @@ def pick_device(name="auto"):
         if problem != "not available here":  # there is a GPU, but it does not work: say so, once
             print(f"note: {kind} {problem}; using the cpu", file=sys.stderr)
     return "cpu"
+
+
+def pick_dtype(name, device):
+    if name != "auto":
+        return getattr(torch, name), "asked for"
+    if device.startswith("cuda"):
+        major, minor = torch.cuda.get_device_capability(device)
+        if major >= 8:  # Ampere and newer have bf16 tensor cores
+            return torch.bfloat16, f"sm_{major}{minor} has bf16 tensor cores"
+        # is_bf16_supported() says yes here too (emulated), but a T4 or V100 runs bf16 slowly
+        return torch.float16, f"sm_{major}{minor} has no bf16 tensor cores, so fp16 with a GradScaler"
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private, so looked up with care
+    if device == "cpu" and any(getattr(torch.cpu, f, lambda: False)() for f in checks):
+        return torch.bfloat16, "the CPU has native bf16 instructions, faster than fp32 (bench.py)"
+    return torch.float32, "no fast low precision on this device"
+
+
+def keep_freed_memory():
+    """Ask glibc to keep freed memory for reuse: every CPU step allocates and frees ~50 MB of conv
+    activations, which by default go back to the OS and return as page faults and zero-fills.
+    Measured 1.1x (fp32) to 1.25x (bf16) faster steps; the process keeps its peak memory."""
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL("libc.so.6")
+        except OSError:  # not glibc (musl): nothing to tune
+            return
+        libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD: blocks under 1 GB come from the reusable heap
+        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: keep up to 1 GB of freed heap
 
 
 def add_data_flags(parser, default):

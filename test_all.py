@@ -1537,9 +1537,9 @@ def test_a_t4_gets_fp16_and_an_a100_bf16(monkeypatch):
     for capability, dtype in (((7, 5), torch.float16), ((7, 0), torch.float16), ((8, 0), torch.bfloat16),
                               ((9, 0), torch.bfloat16)):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
-        got, why = train.pick_dtype("auto", "cuda")
+        got, why = common.pick_dtype("auto", "cuda")
         assert got == dtype and f"sm_{capability[0]}{capability[1]}" in why
-    assert train.pick_dtype("float32", "cuda")[0] == torch.float32
+    assert common.pick_dtype("float32", "cuda")[0] == torch.float32
 
 
 def test_a_batch_is_gathered_on_its_device_without_copies():

@@ -21,7 +21,6 @@ Run:
     torchrun --standalone --nproc_per_node=4 train.py    # data parallel over 4 GPUs (gloo on CPUs)
 """
 import argparse
-import ctypes
 import json
 import math
 import os
@@ -39,8 +38,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import data
 import scores
 from bpe import Tokenizer
-from common import (UserError, add_data_flags, atomic_write, check_flags, cli, load_torch, pick_device,
-                    save_pretrained, save_torch)
+from common import (UserError, add_data_flags, atomic_write, check_flags, cli, keep_freed_memory, load_torch,
+                    pick_device, pick_dtype, save_pretrained, save_torch)
 from model import VLM, Config
 
 # Flickr8k: the card's recipe but for the peak lr: on the real photos at hand, 1e-3 reached a lower
@@ -273,18 +272,16 @@ def load_state(run, state):
 
 
 def plot_losses(path, history, size=(720, 420), box=(64, 40, 656, 376)):
-    """Train loss (blue, every log interval) and validation loss (red dots) on a log scale, with the
-    learning rate (grey, its own scale on the right), against the step; drawn with Pillow."""
+    """Train loss (blue, every log interval) and validation loss (red dots) on a log scale, and the
+    learning rate (grey, its own scale up to its peak), against the step; drawn with Pillow."""
     img = Image.new("RGB", size, "white")
-    d = ImageDraw.Draw(img)
-    left, top, right, bottom = box
+    d, (left, top, right, bottom) = ImageDraw.Draw(img), box
     points = history["train"] + history["val"]
     if len(points) >= 2:
-        last = max(x for x, _ in points)
-        lo, hi = (math.log10(max(f(y for _, y in points), 1e-6)) for f in (min, max))
-        hi = max(hi, lo + 1e-3)
-        sx = lambda x: left + x / last * (right - left)
-        sy = lambda y: bottom - (math.log10(max(y, 1e-6)) - lo) / (hi - lo) * (bottom - top)
+        last, lo, hi = max(x for x, _ in points), min(y for _, y in points), max(y for _, y in points)
+        lo, hi = math.log10(max(lo, 1e-6)), max(math.log10(max(hi, 1e-6)), math.log10(max(lo, 1e-6)) + 1e-3)
+        xy = lambda x, y: (left + x / last * (right - left), bottom - (math.log10(max(y, 1e-6)) - lo) / (hi - lo)
+                           * (bottom - top))
         for k in range(5):  # five ticks on each axis
             x, y = left + k / 4 * (right - left), bottom - k / 4 * (bottom - top)
             d.line([(x, bottom), (x, bottom + 4)], fill="black")
@@ -292,11 +289,11 @@ def plot_losses(path, history, size=(720, 420), box=(64, 40, 656, 376)):
             d.line([(left - 4, y), (left, y)], fill="black")
             d.text((6, y - 6), f"{10 ** (lo + k / 4 * (hi - lo)):.3g}", fill="black")
         peak = max([lr for _, lr in history["lr"]] + [1e-12])
-        d.line([(sx(x), bottom - lr / peak * (bottom - top)) for x, lr in history["lr"]], fill="silver", width=2)
+        d.line([(xy(x, 1)[0], bottom - lr / peak * (bottom - top)) for x, lr in history["lr"]], fill="silver", width=2)
         d.text((right + 6, top - 6), f"lr {peak:.0e}", fill="gray")
-        d.line([(sx(x), sy(y)) for x, y in history["train"]], fill="blue", width=2)
-        d.line([(sx(x), sy(y)) for x, y in history["val"]], fill="red")
-        for x, y in ((sx(x), sy(y)) for x, y in history["val"]):
+        d.line([xy(x, y) for x, y in history["train"]], fill="blue", width=2)
+        d.line([xy(x, y) for x, y in history["val"]], fill="red")
+        for x, y in (xy(x, y) for x, y in history["val"]):
             d.ellipse([x - 4, y - 4, x + 4, y + 4], fill="red")
     d.rectangle(box, outline="black")
     d.text((left, 12), "loss (log scale): train (blue), validation (red); learning rate (grey)", fill="black")
@@ -389,34 +386,6 @@ def setup(args):
     dtype, why = pick_dtype(args.dtype, device)
     log(f"device {device}, {str(dtype)[6:]} ({why}), {world} process{'es' if world > 1 else ''}")
     return device, dtype, rank, world, log
-
-
-def pick_dtype(name, device):
-    if name != "auto":
-        return getattr(torch, name), "asked for"
-    if device.startswith("cuda"):
-        major, minor = torch.cuda.get_device_capability(device)
-        if major >= 8:  # Ampere and newer have bf16 tensor cores
-            return torch.bfloat16, f"sm_{major}{minor} has bf16 tensor cores"
-        # is_bf16_supported() says yes here too (emulated), but a T4 or V100 runs bf16 slowly
-        return torch.float16, f"sm_{major}{minor} has no bf16 tensor cores, so fp16 with a GradScaler"
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private, so looked up with care
-    if device == "cpu" and any(getattr(torch.cpu, f, lambda: False)() for f in checks):
-        return torch.bfloat16, "the CPU has native bf16 instructions, faster than fp32 (bench.py)"
-    return torch.float32, "no fast low precision on this device"
-
-
-def keep_freed_memory():
-    """Ask glibc to keep freed memory for reuse: every CPU step allocates and frees ~50 MB of conv
-    activations, which by default go back to the OS and return as page faults and zero-fills.
-    Measured 1.1x (fp32) to 1.25x (bf16) faster steps; the process keeps its peak memory."""
-    if sys.platform.startswith("linux"):
-        try:
-            libc = ctypes.CDLL("libc.so.6")
-        except OSError:  # not glibc (musl): nothing to tune
-            return
-        libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD: blocks under 1 GB come from the reusable heap
-        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: keep up to 1 GB of freed heap
 
 
 def prepare_data(args, rank, world, log):
