@@ -1,21 +1,17 @@
 """
-model.py: SupraVL-Nano, a tiny CNN and a tiny GPT that captions images, exact to the design card.
+model.py: SupraVL-Nano, a tiny CNN and a tiny GPT that caption images, exact to the design card.
 
-The picture becomes n_vis=16 "visual tokens" by a small convolutional encoder; they are put in front
-of the caption's tokens, and one causal GPT-2 decoder reads the whole sequence:
+A small CNN turns the picture into 16 "visual tokens", put in front of the caption's; one GPT-2 reads all:
 
     image (B,3,112,112) -> 3 x [Conv 3x3 -> BatchNorm -> GELU -> MaxPool 2] -> (B,64,14,14)
-        -> AdaptiveAvgPool 4x4 -> 16 tokens x 64 -> Linear -> (B,16,128)
-    [16 visual tokens, BOS, w1, w2, ...] + position embedding -> 3 pre-LN blocks -> LayerNorm
-        -> lm_head (tied to tok_emb) -> next-token logits at the text positions
+        -> AdaptiveAvgPool 4x4 -> 16 tokens x 64 -> Linear -> (B,16,128) = the visual tokens
+    [visual tokens, BOS, w1, w2, ...] + positions -> 3 pre-LN blocks -> LayerNorm -> lm_head (tied to tok_emb)
 
 698,624 parameters with the card's 2048-token vocabulary (the tied matrix counted once).
-Generation comes twice: plainly (the whole sequence again for every token, as the card's code does),
-then batched with a key/value cache (greedy, top-k sampling, beam search), which must agree with it.
-Every cached method can also return, per generated token, its attention over the visual tokens.
-
-Left out: tokenizer (bpe.py), image loading and normalisation (data.py), training (train.py).
-It imports only torch and the standard library. Tests: python -m pytest -q test_all.py -k model
+Part 1 is the model and plain generation (the whole sequence again for every token). Part 2 is speed: a
+key/value cache, batched greedy / top-k / beam search that must give part 1's tokens, and attention maps.
+Left out: the tokenizer (bpe.py), image loading and normalisation (data.py), training (train.py).
+Tests: the model section of test_all.py (python -m pytest -q test_all.py runs them all).
 Use it like:  model = VLM(Config()).eval(); model.generate_beam(images) -> [[ids...], ...]
 """
 import math
@@ -43,8 +39,7 @@ class Config:
     eos_id: int = 2
 
     def __post_init__(self):
-        grid = math.isqrt(self.n_vis)
-        if self.n_vis < 1 or grid * grid != self.n_vis:
+        if self.n_vis < 1 or math.isqrt(self.n_vis) ** 2 != self.n_vis:
             raise ValueError(f"Config: n_vis must be a perfect square (1, 4, 16, ...), got {self.n_vis}")
         if self.d_model % self.n_heads:
             raise ValueError(f"Config: d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
@@ -52,13 +47,10 @@ class Config:
             raise ValueError(f"Config: vis_ch must be a multiple of 4, got {self.vis_ch}")
 
 
-# ----------------------------------------------------------------------------- visual encoder
-
-def conv_block(c_in, c_out):
-    """Conv 3x3 (stride 1, same padding) -> BatchNorm -> GELU -> MaxPool 2: halves H and W.
-    Names inside: .0 conv, .1 batch norm (GELU and MaxPool have no parameters)."""
-    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out),
-                         nn.GELU(), nn.MaxPool2d(2))
+# ======================================================= part 1: the model, starting with the visual encoder
+def conv_block(cin, cout):
+    """Conv 3x3 (same padding) -> BatchNorm -> GELU -> MaxPool 2: halves H, W. Weights: .0 conv, .1 norm."""
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.GELU(), nn.MaxPool2d(2))
 
 
 class VisualEncoder(nn.Module):
@@ -68,12 +60,11 @@ class VisualEncoder(nn.Module):
         self.conv1 = conv_block(3, c // 4)
         self.conv2 = conv_block(c // 4, c // 2)
         self.conv3 = conv_block(c // 2, c)
-        self.pool = nn.AdaptiveAvgPool2d(math.isqrt(cfg.n_vis))
+        self.pool = nn.AdaptiveAvgPool2d(math.isqrt(cfg.n_vis))  # any image size -> a 4x4 grid (n_vis 16)
         self.proj = nn.Linear(c, cfg.d_model)
 
     def forward(self, images):
-        # channels_last (NHWC) lets oneDNN run the 3x3 convs, batch norm and pooling without
-        # reordering the tensor at every op: measured 1.33x (fp32) / 1.22x (bf16) faster training steps.
+        # channels_last (NHWC) is the layout the fast conv kernels use: no reordering before every op
         x = images.contiguous(memory_format=torch.channels_last)  # (B, 3, 112, 112)
         x = self.conv3(self.conv2(self.conv1(x)))  # (B, 64, 14, 14)
         x = self.pool(x).flatten(2).transpose(1, 2)  # (B, 16, 64): one token per grid cell, row-major
@@ -81,35 +72,31 @@ class VisualEncoder(nn.Module):
 
 
 # ----------------------------------------------------------------------------- the GPT part
-
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        self.n_heads = cfg.n_heads
-        self.dropout = cfg.dropout
+        self.n_heads, self.dropout = cfg.n_heads, cfg.dropout
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
 
     def forward(self, x, cache=None, layer=0, need_attn=False):
-        """x (B, T, C). With a cache, T is either the whole prompt (cache empty) or one new position.
-        Returns y (B, T, C) and, if need_attn, the last position's weights (B, H, S) over all keys."""
+        """x (B, T, C) -> (B, T, C) and, if need_attn, the last position's weights over all keys (B, H, S).
+        With a cache (part 2), T is either the whole prompt (cache empty) or one new position."""
         B, T, C = x.shape
-        q, k, v = self.qkv(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2) for t in (q, k, v))
-        if cache is not None:  # (B, H, T, hd) -> keys/values of every position so far (B, H, S, hd)
-            k, v = cache.add(layer, k, v)
-        causal = T > 1  # one new query may look at every cached key; a prompt needs the triangle
+        q, k, v = self.qkv(x).split(C, dim=2)  # (B, T, C) each
+        q, k, v = (t.view(B, T, self.n_heads, -1).transpose(1, 2) for t in (q, k, v))  # (B, H, T, hd)
+        if cache is not None:
+            k, v = cache.add(layer, k, v)  # (B, H, S, hd): every position so far
         weights = None
         if need_attn:  # the same attention written out, to keep the weights (generation only)
+            S = k.size(2)
             scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))  # (B, H, T, S)
-            if causal:
-                mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
-                scores = scores.masked_fill(~mask, float("-inf"))
-            att = scores.softmax(dim=-1)
+            mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)  # (T, S): no future keys
+            att = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)  # (B, H, T, S)
             y, weights = att @ v, att[:, :, -1]  # (B, H, T, hd), (B, H, S)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=causal,
-                                               dropout_p=self.dropout if self.training else 0.0)
+        else:  # one new query may look at every cached key; a prompt needs the triangle
+            dropout = self.dropout if self.training else 0.0
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, dropout_p=dropout)  # (B, H, T, hd)
         y = y.transpose(1, 2).reshape(B, T, C)  # heads side by side again
         return self.proj(y), weights
 
@@ -121,12 +108,11 @@ class MLP(nn.Module):
         self.fc2 = nn.Linear(cfg.d_ff, cfg.d_model)
 
     def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x)))
+        return self.fc2(F.gelu(self.fc1(x)))  # (B, T, 128) -> (B, T, 256) -> (B, T, 128)
 
 
 class Block(nn.Module):
     """Pre-LN transformer block: x + attn(ln1(x)), then x + mlp(ln2(x))."""
-
     def __init__(self, cfg):
         super().__init__()
         self.ln1 = nn.LayerNorm(cfg.d_model)
@@ -155,31 +141,23 @@ class VLM(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.lm_head.weight = self.tok_emb.weight  # tied: one matrix reads and writes tokens
         self.apply(self._init_weights)
-        # GPT-2: each residual branch adds to the stream 2*n_layers times; scale their outputs down.
-        for name, p in self.named_parameters():
-            if name.endswith("attn.proj.weight") or name.endswith("mlp.fc2.weight"):
+        for name, p in self.named_parameters():  # GPT-2: 2*n_layers residual branches add up; scale them down
+            if name.endswith(("attn.proj.weight", "mlp.fc2.weight")):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layers))
 
     def _init_weights(self, module):
-        # GPT-2 init, N(0, 0.02). PyTorch's default N(0, 1) embedding, tied to the head, makes the
-        # first logits huge (std ~sqrt(128) = 11): the softmax is then almost one-hot, the loss starts
-        # far above log(vocab_size), and its gradient is full of denormal floats, which some CPUs
-        # compute very slowly (not seen on the EPYC this was measured on). Small weights avoid both.
+        # GPT-2's N(0, 0.02): a default N(0, 1) tied embedding would give logits of std ~sqrt(128) = 11
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
     def num_params(self):
-        """Unique parameters: the tied head/embedding matrix counts once."""
-        return sum(p.numel() for p in self.parameters())  # parameters() already skips the tied copy
-
-    # ------------------------------------------------------------------------- training forward
+        return sum(p.numel() for p in self.parameters())  # the tied head/embedding matrix is yielded once
 
     def forward(self, images, ids, targets=None):
-        """images (B,3,H,W) normalised float; ids (B,T) starting with BOS, T <= max_seq.
-        Returns logits (B,T,V) for the text positions and the mean cross-entropy over targets
-        (B,T) with pad_id ignored (None without targets)."""
+        """Teacher forcing: images (B,3,H,W) normalised, ids (B,T) from BOS, T <= max_seq -> logits (B,T,V)
+        at the text positions, mean cross-entropy on targets (B,T) with pad_id ignored (None without them)."""
         cfg = self.config
         if ids.size(1) > cfg.max_seq:
             raise ValueError(f"model: {ids.size(1)} text tokens exceed max_seq {cfg.max_seq}")
@@ -197,16 +175,13 @@ class VLM(nn.Module):
         x = self.tok_emb(ids)  # (B, T, 128)
         if vis is not None:
             x = torch.cat([vis, x], dim=1)  # (B, 16+T, 128)
-        pos = torch.arange(start, start + x.size(1), device=x.device)
+        pos = torch.arange(start, start + x.size(1), device=x.device)  # (16+T,)
         return self.drop(x + self.pos_emb(pos))
-
-    # ------------------------------------------------------------------------- generation, plainly
 
     @torch.no_grad()
     def generate_plain(self, images, max_new=48):
-        """Greedy decoding the plain way, as the card's code does it: for every new token, the whole
-        sequence (and the CNN) runs again. Slow, but obviously right: the cached methods below must
-        give exactly its tokens (tested), and bench.py times the two."""
+        """Greedy decoding the plain way, as the card's code does it: for every new token the whole
+        sequence (and the CNN) runs again. Slow, but obviously right: part 2 must give its tokens."""
         B, cfg = images.size(0), self.config
         ids = torch.full((B, 1), cfg.bos_id, dtype=torch.long, device=images.device)  # (B, 1)
         for _ in range(max_new):
@@ -217,22 +192,35 @@ class VLM(nn.Module):
         return self._trim(ids[:, 1:], None)
 
     def _trim(self, toks, maps):
-        """Each row's tokens up to its first EOS, as lists (and their attention maps, if kept)."""
-        seqs, attns = [], []
-        for i, row in enumerate(toks.tolist()):
-            n = row.index(self.config.eos_id) if self.config.eos_id in row else len(row)
-            seqs.append(row[:n])
-            attns.append(maps[i, :n] if maps is not None else None)
-        return seqs if maps is None else (seqs, attns)
+        """Each row of toks (B, t) up to its first EOS, as lists (and its maps (B, t, L, n_vis), if kept)."""
+        eos = self.config.eos_id
+        seqs = [row[:row.index(eos)] if eos in row else row for row in toks.tolist()]
+        return seqs if maps is None else (seqs, [m[:len(s)] for m, s in zip(maps, seqs)])
 
-    # ------------------------------------------------------------------------- cached decoding
-    # The same result, each new token costing one position: the keys and values of every earlier
-    # position are kept (KVCache), and the images run through the CNN once.
+    # ============================================================================ part 2: speed
+    # generate_plain's tokens for one position's work per token: the CNN runs once, layers keep keys/values
+    class KVCache:
+        """Every layer's keys and values, (n_layers, B, H, n_vis + max_seq, head_dim), `length` positions
+        filled. add() writes in place (no torch.cat copy of the past); reorder() picks rows for beams."""
+        def __init__(self, cfg, batch, device, dtype):
+            shape = (cfg.n_layers, batch, cfg.n_heads, cfg.n_vis + cfg.max_seq, cfg.d_model // cfg.n_heads)
+            self.k = torch.zeros(shape, device=device, dtype=dtype)
+            self.v = torch.zeros(shape, device=device, dtype=dtype)
+            self.length = 0
+
+        def add(self, layer, k, v):
+            end = self.length + k.size(2)
+            self.k[layer, :, :, self.length:end] = k  # (B, H, T, hd) after the filled positions
+            self.v[layer, :, :, self.length:end] = v
+            return self.k[layer, :, :, :end], self.v[layer, :, :, :end]  # (B, H, end, hd) each: all so far
+
+        def reorder(self, rows):
+            self.k = self.k.index_select(1, rows)  # row i of the new cache is row rows[i] of the old one
+            self.v = self.v.index_select(1, rows)
 
     def _decode(self, x, cache, need_attn):
-        """Run new positions x (B,T,C) through the blocks, extending the cache. Returns the next-token
-        log-probabilities of the last position (B,V) and, if need_attn, its attention over the
-        visual tokens per layer averaged over heads (B, n_layers, n_vis)."""
+        """Run new positions x (B,T,C) through the blocks, extending the cache. Returns the last position's
+        next-token log-probs (B,V) and, if need_attn, its attention on the image, head mean (B,L,n_vis)."""
         maps = []
         for i, block in enumerate(self.blocks):
             x, w = block(x, cache, i, need_attn)
@@ -243,26 +231,24 @@ class VLM(nn.Module):
         return logits.float().log_softmax(-1), (torch.stack(maps, 1) if need_attn else None)
 
     def _start(self, images, max_new, need_attn):
-        """Encode the images, run visual tokens + BOS, return (cache, log-probs of token 1, attn)."""
+        """Encode the images, run visual tokens + BOS; return (cache, log-probs of token 1, attn)."""
         cfg = self.config
         if not 1 <= max_new <= cfg.max_seq:
             raise ValueError(f"model: max_new must be in 1..{cfg.max_seq} (max_seq), got {max_new}")
-        B = images.size(0)
-        bos = torch.full((B, 1), cfg.bos_id, dtype=torch.long, device=images.device)
+        bos = torch.full((images.size(0), 1), cfg.bos_id, dtype=torch.long, device=images.device)  # (B, 1)
         x = self._embed(self.vis_enc(images), bos, 0)  # (B, 17, 128)
-        cache = KVCache(cfg, B, x.device, x.dtype)
+        cache = self.KVCache(cfg, x.size(0), x.device, x.dtype)
         return (cache, *self._decode(x, cache, need_attn))
 
     def _step(self, tokens, cache, need_attn):
-        """Feed one token per row (B,) at the next position."""
-        x = self._embed(None, tokens[:, None], cache.length)  # (B, 1, 128)
+        x = self._embed(None, tokens[:, None], cache.length)  # (B, 1, 128): one token per row, next position
         return self._decode(x, cache, need_attn)
 
     def _sample_loop(self, images, max_new, pick, return_attn):
         """Greedy / top-k: pick(logp (B,V)) -> next tokens (B,), until every row has emitted EOS."""
         cache, logp, attn = self._start(images, max_new, return_attn)
         toks, maps = [], []
-        done = torch.zeros(images.size(0), dtype=torch.bool, device=images.device)
+        done = torch.zeros(images.size(0), dtype=torch.bool, device=images.device)  # (B,)
         for t in range(max_new):
             tok = pick(logp)  # (B,)
             toks.append(tok)
@@ -275,128 +261,60 @@ class VLM(nn.Module):
 
     @torch.no_grad()
     def generate_greedy(self, images, max_new=48, return_attn=False):
-        """Most likely token at every step. Returns per image a list of ids (no BOS/EOS)
-        or, with return_attn, (seqs, attns) with attns[i] of shape (len(seqs[i]), n_layers, n_vis)."""
+        """Most likely token at every step. Returns per image a list of ids (no BOS/EOS) or, with
+        return_attn, (seqs, attns) with attns[i] of shape (len(seqs[i]), n_layers, n_vis) on the device."""
         return self._sample_loop(images, max_new, lambda logp: logp.argmax(-1), return_attn)
 
     @torch.no_grad()
-    def generate_topk(self, images, max_new=48, temperature=0.8, top_k=50, generator=None,
-                      return_attn=False):
+    def generate_topk(self, images, max_new=48, temperature=0.8, top_k=50, generator=None, return_attn=False):
         """Sample from the top_k most likely tokens, logits divided by temperature."""
         def pick(logp):
             vals, idx = (logp / temperature).topk(min(top_k, logp.size(-1)), dim=-1)  # (B, k)
             choice = torch.multinomial(vals.softmax(-1), 1, generator=generator)  # (B, 1)
-            return idx.gather(1, choice).squeeze(1)
+            return idx.gather(1, choice).squeeze(1)  # (B,)
         return self._sample_loop(images, max_new, pick, return_attn)
 
     @torch.no_grad()
     def generate_beam(self, images, beam_width=3, max_new=48, length_penalty=0.0, return_attn=False):
-        """Beam search; the beams of all images run as one batch of B*W rows (see Beams).
-        Returns what generate_greedy returns: per image its best hypothesis."""
-        B, W = images.size(0), beam_width
+        """Beam search, the W beams of all B images run as one batch of B*W rows; returns what generate_greedy
+        does. A hypothesis ending in EOS is set aside with score sum(log p) / len**length_penalty (len counts
+        the EOS; 0 = summed log-probability). An image is done as soon as no live beam can beat its best
+        finished one; at max_new its live beams compete too, so beams that never emit EOS give a caption."""
+        cfg, B, W, lp, dev = self.config, images.size(0), beam_width, length_penalty, images.device
         cache, logp, attn = self._start(images, max_new, return_attn)
-        rows = torch.arange(B, device=images.device).repeat_interleave(W)  # every image's row, W times
+        rows = torch.arange(B, device=dev).repeat_interleave(W)  # (B*W,): every image's row, W times
         cache.reorder(rows)
         logp, attn = logp[rows], (attn[rows] if return_attn else None)  # (B*W, V), (B*W, L, n_vis)
-        maps = (self.config.n_layers, self.config.n_vis) if return_attn else None
-        beams = Beams(B, W, max_new, length_penalty, self.config.eos_id, images.device, maps)
+        score = torch.full((B, W), float("-inf"), device=dev)  # (B, W): summed log-probs of the live beams
+        score[:, 0] = 0.0  # only beam 0 is real at the start; the others would duplicate it
+        toks = torch.zeros(B * W, 0, dtype=torch.long, device=dev)  # (B*W, t): the live beams' tokens
+        maps = torch.zeros(B * W, 0, cfg.n_layers, cfg.n_vis, device=dev)  # (B*W, t, L, n_vis), if kept
+        best, done = [None] * B, [False] * B  # per image: its best finished (score, tokens, maps)
+
+        def finish(b, s, row):  # a finished hypothesis of image b, kept if it beats the best so far
+            if not done[b] and (best[b] is None or s > best[b][0]):
+                best[b] = (s, toks[row].tolist(), maps[row] if return_attn else None)
         for t in range(max_new):
-            src, tok = beams.extend(logp, attn, t)  # (B*W,) each: the rows they extend, the new tokens
-            if all(beams.done) or t == max_new - 1:
+            top, idx = (score.view(B * W, 1) + logp).view(B, -1).topk(2 * W, dim=1)  # (B, 2W): <= W are EOS
+            beam, tok = idx // cfg.vocab_size, idx % cfg.vocab_size  # (B, 2W): which beam, extended by what
+            is_eos = tok == cfg.eos_id  # (B, 2W)
+            for b, j in is_eos[:, :W].nonzero().tolist():  # an EOS in the top W ends its hypothesis
+                finish(b, top[b, j].item() / (t + 1) ** lp, b * W + beam[b, j].item())
+            order = is_eos.float().argsort(dim=1, stable=True)[:, :W]  # (B, W): the best W non-EOS, ranked
+            score = top.gather(1, order)  # (B, W)
+            src = (beam.gather(1, order) + W * torch.arange(B, device=dev)[:, None]).flatten()  # (B*W,)
+            tok = tok.gather(1, order).flatten()  # (B*W,)
+            toks = torch.cat([toks[src], tok[:, None]], dim=1)  # (B*W, t+1)
+            if return_attn:  # the attention of the position that chose tok (an EOS step's is never kept)
+                maps = torch.cat([maps[src], attn[src, None]], dim=1)  # (B*W, t+1, L, n_vis)
+            # the best a live beam can still reach: its sum only falls, len**lp (lp > 0) grows until max_new
+            bound = (score[:, 0] / (max_new if lp > 0 else 1) ** lp).tolist()
+            done = [d or (h is not None and x <= h[0]) for d, h, x in zip(done, best, bound)]
+            if all(done) or t == max_new - 1:
                 break
             cache.reorder(src)
-            logp, attn = self._step(tok, cache, return_attn)
-        return beams.best()
-
-
-class KVCache:
-    """Keys and values of every layer for the positions seen so far, preallocated to the full length.
-
-    k, v: (n_layers, B, H, n_vis + max_seq, head_dim); `length` positions are filled. Writing into a
-    preallocated buffer (rather than torch.cat at every step) was measured ~equal here, and keeps the
-    beam reorder a single index_select."""
-
-    def __init__(self, cfg, batch, device, dtype):
-        shape = (cfg.n_layers, batch, cfg.n_heads, cfg.n_vis + cfg.max_seq, cfg.d_model // cfg.n_heads)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.length = 0
-
-    def add(self, layer, k, v):
-        """Store k, v (B, H, T, hd) after the filled positions; return all keys/values so far."""
-        end = self.length + k.size(2)
-        self.k[layer, :, :, self.length:end] = k
-        self.v[layer, :, :, self.length:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
-
-    def reorder(self, rows):
-        """Beam search: row i of the new cache is row rows[i] of the old one."""
-        self.k = self.k.index_select(1, rows)
-        self.v = self.v.index_select(1, rows)
-
-
-class Beams:
-    """The bookkeeping of beam search for B images x W beams. Live hypotheses: their summed
-    log-probabilities `score` (B, W), tokens (B*W, t) and attention maps, all on the device.
-    A hypothesis ending in EOS is set aside with score sum(log p) / len**length_penalty (len counts the
-    EOS; length_penalty 0 = summed log-probability). An image is done as soon as no live beam can still
-    beat its best finished one; at max_new the live beams join the candidates, so an image whose beams
-    never emit EOS still gets its best unfinished one."""
-
-    def __init__(self, B, W, max_new, length_penalty, eos_id, device, map_shape=None):
-        self.W, self.max_new, self.lp, self.eos_id = W, max_new, length_penalty, eos_id
-        self.score = torch.full((B, W), float("-inf"), device=device)
-        self.score[:, 0] = 0.0  # only beam 0 is real at the start; the others would duplicate it
-        self.toks = torch.zeros(B * W, 0, dtype=torch.long, device=device)
-        self.maps = None if map_shape is None else []  # per step (B*W, *map_shape), reordered with the beams
-        self.no_maps = None if map_shape is None else torch.zeros(0, *map_shape, device=device)
-        self.finished = [[] for _ in range(B)]  # per image: (score, tokens, maps)
-        self.done = [False] * B
-
-    def extend(self, logp, attn, t):
-        """Extend every live beam by the best tokens; returns (source rows, new tokens), both (B*W,)."""
-        B, W, V = self.score.size(0), self.W, logp.size(-1)
-        cand = (self.score.view(B * W, 1) + logp).view(B, W * V)  # (B, W*V) summed log-probs
-        top, idx = cand.topk(2 * W, dim=1)  # 2W: at most W of them end in EOS
-        beam, tok = idx // V, idx % V  # (B, 2W)
-        is_eos = tok == self.eos_id
-        self._set_aside(top, beam, is_eos, t)
-        order = is_eos.float().argsort(dim=1, stable=True)[:, :W]  # the best W non-EOS, in rank order
-        self.score = top.gather(1, order)  # (B, W)
-        src = (beam.gather(1, order) + W * torch.arange(B, device=beam.device)[:, None]).flatten()
-        new = tok.gather(1, order).flatten()  # (B*W,)
-        self.toks = torch.cat([self.toks[src], new[:, None]], dim=1)
-        if self.maps is not None:
-            self.maps = [m[src] for m in self.maps] + [attn[src]]
-        self._check_done()
-        return src, new
-
-    def _set_aside(self, top, beam, is_eos, t):
-        """EOS candidates ranked in the top W end their hypothesis (lower ones would not make the beam)."""
-        for b, j in is_eos[:, :self.W].nonzero().tolist():
-            if not self.done[b]:  # (the EOS step's map belongs to no caption token: not kept)
-                r = b * self.W + beam[b, j].item()
-                self._finish(b, top[b, j].item() / (t + 1) ** self.lp, r)
-
-    def _finish(self, b, score, row):
-        maps = None
-        if self.maps is not None:  # (t, n_layers, n_vis); t = 0 when EOS came first
-            maps = torch.stack([m[row] for m in self.maps]) if self.maps else self.no_maps
-        self.finished[b].append((score, self.toks[row].tolist(), maps))
-
-    def _check_done(self):
-        # a live beam's sum only falls; with a length bonus it may still gain up to max_new
-        bound = (self.score[:, 0] / (self.max_new if self.lp > 0 else 1) ** self.lp).tolist()
-        for b, hyps in enumerate(self.finished):
-            self.done[b] = self.done[b] or bool(hyps) and bound[b] <= max(h[0] for h in hyps)
-
-    def best(self):
-        """Per image its best hypothesis: (seqs, attns) when maps were kept, else seqs."""
-        final = (self.score / self.max_new ** self.lp).tolist()
-        for b in range(len(self.finished)):
-            if not self.done[b]:  # max_new reached: live beams compete too (never-EOS captions included)
-                for w in range(self.W):
-                    self._finish(b, final[b][w], b * self.W + w)
-        best = [max(hyps, key=lambda h: h[0]) for hyps in self.finished]
+            logp, attn = self._step(tok, cache, return_attn)  # (B*W, V), (B*W, L, n_vis)
+        for b, s in enumerate((score[:, 0] / max_new ** lp).tolist()):  # at max_new live beams compete too;
+            finish(b, s, b * W)  # they are ranked, so beam 0 is their best
         seqs = [h[1] for h in best]
-        return seqs if self.maps is None else (seqs, [h[2] for h in best])
+        return (seqs, [h[2] for h in best]) if return_attn else seqs
