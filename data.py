@@ -1,8 +1,7 @@
 """
 data.py: the two datasets, each prepared once into the uint8 arrays that training reads.
 
-- shapes (built in, offline, the quick start's): one or two coloured shapes on a noisy background,
-  5 captions each naming colour, size, shape and where the two are relative to each other
+- shapes (built in, offline): one or two coloured shapes; 5 captions name colour, size, shape, relation
 - Flickr8k (real photos, 5 captions each): downloaded (resumable), safely extracted, decoded on all cores
 Both end in one format, so training has one code path (prep_dir: --prep-dir, else --data-dir):
     {prep_dir}/{split}_images_{size}.npy   uint8 (N, size, size, 3), squash-resized (no crop)
@@ -408,7 +407,7 @@ def download(url, dest, retries=4, backoff=1.0, timeout=(10, 60)):
                 resumed = r.status_code == 206 and starts_at_have
                 if r.status_code in (206, 416) and not resumed:  # our .part is no prefix the server knows
                     os.remove(part)
-                if r.status_code != 200 and not resumed:  # that, or a 5xx: try again
+                if r.status_code != 200 and not resumed:  # a 5xx, or the bad range above: try again
                     why = f"HTTP {r.status_code}"
                     continue
                 length = r.headers.get("Content-Length", "")  # a 200 sends the whole file, from byte 0
