@@ -1,8 +1,7 @@
 """
 data.py: the two datasets, each prepared once into the uint8 arrays that training reads.
 
-- shapes (built in, offline, the quick start's): one or two coloured shapes on a noisy background,
-  5 captions each naming colour, size, shape and where the two are relative to each other
+- shapes (built in, offline): one or two coloured shapes; 5 captions name colour, size, shape, relation
 - Flickr8k (real photos, 5 captions each): downloaded (resumable), safely extracted, decoded on all cores
 Both end in one format, so training has one code path (prep_dir: --prep-dir, else --data-dir):
     {prep_dir}/{split}_images_{size}.npy   uint8 (N, size, size, 3), squash-resized (no crop)
@@ -37,7 +36,6 @@ SPLITS = ("train", "val", "test")
 
 
 # ----------------------------------------------------------------------------- captions and images
-
 def clean_caption(text):
     """The one normaliser of every caption: '  A dog  runs in the park . ' -> 'a dog runs in the park'."""
     text = " ".join(text.lower().split())
@@ -87,15 +85,13 @@ def normalize(images):
     return torch.addcmul(shift, x.float(), scale)  # (x/255 - mean)/std in one pass
 
 
-@functools.cache
+@functools.cache  # once per device: a tensor made from a Python list is a host-to-device copy, a GPU sync
 def _shift_scale(device):
-    """Made once per device: a tensor built from a Python list is a host-to-device copy, a sync on a GPU."""
     mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
     return (-mean / std).to(device), (1.0 / (255.0 * std)).to(device)
 
 
 # ----------------------------------------------------------------------------- the prepared format
-
 @dataclass
 class Split:
     names: list
@@ -144,7 +140,6 @@ def load_split(prep_dir, split, size=112, mmap_mode=None):
 
 
 # ----------------------------------------------------------------------------- shapes: the quick start's
-
 COLOURS = {"red": (215, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 225),  # far apart in RGB
            "yellow": (235, 215, 40), "purple": (140, 60, 190), "cyan": (40, 200, 215)}
 SHAPES = ("circle", "square", "triangle")
@@ -181,12 +176,11 @@ def random_scene(rng):
     b = _random_obj(rng)
     while (b.colour, b.shape) == (a.colour, a.shape):  # never two identical-looking objects
         b = _random_obj(rng)
-    lo_a, hi_a, lo_b, hi_b = a.r + 3, 109 - a.r, b.r + 3, 109 - b.r
-    along_a = rng.uniform(lo_a, hi_b - a.r - b.r - GAP)  # a first (left or upper), b after it
-    along_b = rng.uniform(along_a + a.r + b.r + GAP, hi_b)
+    along_a = rng.uniform(a.r + 3, 109 - b.r - a.r - b.r - GAP)  # a first (left or upper), b after it
+    along_b = rng.uniform(along_a + a.r + b.r + GAP, 109 - b.r)
     half = (along_b - along_a) / 2
-    across_a = rng.uniform(lo_a, hi_a)
-    across_b = rng.uniform(max(lo_b, across_a - half), min(hi_b, across_a + half))
+    across_a = rng.uniform(a.r + 3, 109 - a.r)
+    across_b = rng.uniform(max(b.r + 3, across_a - half), min(109 - b.r, across_a + half))
     if rng.random() < 0.5:  # horizontal: a is left of b
         a.x, a.y, b.x, b.y = along_a, across_a, along_b, across_b
     else:  # vertical: a is above b
@@ -248,9 +242,8 @@ def make_shapes(data_dir, sizes=(6000, 1000, 1000), seed=0, size=112, log=print)
         save_split(data_dir, split, s.names, s.images, s.captions, size)
         log(f"  {split:5s}: {n} images generated")
         if split == "val":  # a first look for a person: 12 images and their captions
-            sheet = os.path.join(data_dir, "contact_sheet.png")
-            contact_sheet(s, sheet)
-            log(f"  wrote {sheet}")
+            contact_sheet(s, os.path.join(data_dir, "contact_sheet.png"))
+            log(f"  wrote {os.path.join(data_dir, 'contact_sheet.png')}")
 
 
 def contact_sheet(split, path, n=12, cols=4):
@@ -270,7 +263,6 @@ def contact_sheet(split, path, n=12, cols=4):
 
 
 # ----------------------------------------------------------------------------- Flickr8k: real photos
-
 DEFAULT_BASE_URL = "https://github.com/jbrownlee/Datasets/releases/download/Flickr8k/"
 SPLIT_LISTS = {"train": "Flickr_8k.trainImages.txt", "val": "Flickr_8k.devImages.txt",
                "test": "Flickr_8k.testImages.txt"}
@@ -301,34 +293,33 @@ def _find_image_dir(data_dir):
     return None
 
 
-def _decode(args):
+def _decode(path, size):
     """load_image in a worker process: a bad image is reported back, not raised."""
     try:
-        return load_image(*args), None
+        return load_image(path, size), None
     except UserError as e:
         return None, str(e)
 
 
 def decode_images(paths, size=112, workers=None, label="images"):
     """Decodes every path once, on all cores -> (uint8 (N, S, S, 3) of the good ones, ok flags, errors)."""
-    workers = workers or os.cpu_count() or 1
-    jobs = [(p, size) for p in paths]
-    pool = ProcessPoolExecutor(workers) if workers > 1 and len(jobs) >= 64 else None  # a few: not worth one
-    out, ok, errors, n, t0 = np.zeros((len(jobs), size, size, 3), np.uint8), [], [], 0, time.time()
+    n, workers = len(paths), workers or os.cpu_count() or 1
+    pool = ProcessPoolExecutor(workers) if workers > 1 and n >= 64 else None  # a few: not worth one
+    out, ok, errors, t0 = np.zeros((n, size, size, 3), np.uint8), [], [], time.time()
     try:
-        results = pool.map(_decode, jobs, chunksize=16) if pool else map(_decode, jobs)
+        sizes = [size] * n
+        results = pool.map(_decode, paths, sizes, chunksize=16) if pool else map(_decode, paths, sizes)
         for i, (img, err) in enumerate(results, 1):
-            ok.append(img is not None)
-            if img is not None:
-                out[n], n = img, n + 1  # the good images packed to the front, in order
-            else:
+            if err:
                 errors.append(err)
-            rate = i / (time.time() - t0)
-            progress(f"  decoding {label}: {i}/{len(jobs)} ({rate:.0f} img/s)", end=i == len(jobs))
+            else:
+                out[i - 1 - len(errors)] = img  # the good images packed to the front, in order
+            ok.append(err is None)
+            progress(f"  decoding {label}: {i}/{n} ({i / (time.time() - t0):.0f} img/s)", end=i == n)
     finally:
         if pool:
             pool.shutdown(cancel_futures=True)  # on Ctrl-C too: drop the queued work
-    return out[:n], ok, errors
+    return out[:n - len(errors)], ok, errors
 
 
 def prepare_flickr8k(data_dir, size=112, base_url=DEFAULT_BASE_URL, log=print, prep_dir=None):
@@ -352,11 +343,8 @@ def prepare_flickr8k(data_dir, size=112, base_url=DEFAULT_BASE_URL, log=print, p
     log(f"{len(captions)} images with captions in {TOKEN_FILE} ({malformed} malformed lines skipped); "
         f"images from {image_dir}")
     for split in SPLITS:
-        list_path = os.path.join(data_dir, SPLIT_LISTS[split])
-        if not os.path.isfile(list_path):
-            raise UserError(f"{list_path}: split list not found")
-        with open(list_path, encoding="utf-8", errors="replace") as f:
-            listed = list(dict.fromkeys(line.strip() for line in f if line.strip()))  # unique, in order
+        with open(os.path.join(data_dir, SPLIT_LISTS[split]), encoding="utf-8", errors="replace") as f:
+            listed = list(dict.fromkeys(f.read().split()))  # unique names, in order
         present = [n for n in listed if n in captions and os.path.isfile(os.path.join(image_dir, n))]
         images, ok, errors = decode_images([os.path.join(image_dir, n) for n in present], size, label=split)
         names = [n for n, good in zip(present, ok) if good]
@@ -364,13 +352,10 @@ def prepare_flickr8k(data_dir, size=112, base_url=DEFAULT_BASE_URL, log=print, p
         uncaptioned = sum(n not in captions for n in listed)
         log(f"  {split:5s}: {len(names)} of {len(listed)} listed images prepared; skipped "
             f"{len(listed) - uncaptioned - len(present)} missing, {len(errors)} unreadable, "
-            f"{uncaptioned} without captions")
-        for err in errors[:3]:
-            log(f"    {err}")
+            f"{uncaptioned} without captions" + "".join(f"\n    {e}" for e in errors[:3]))
 
 
 # ----------------------------------------------------------------------------- one entry point
-
 def prepare(data, data_dir=None, size=112, base_url=DEFAULT_BASE_URL, log=print, prep_dir=None):
     """Makes sure the three splits of `data` are prepared in prep_dir (default: data_dir) and returns it,
     for load_split. A second call only checks them; a split that fails to load is made again."""
@@ -382,7 +367,12 @@ def prepare(data, data_dir=None, size=112, base_url=DEFAULT_BASE_URL, log=print,
         [load_split(prep_dir, s, size, mmap_mode="r") for s in SPLITS]  # headers only: a quick check
         log(f"{data}: already prepared in {prep_dir} at {size}x{size}")
     except UserError:  # absent, or half written by a run that was killed
-        _check_writable(prep_dir)
+        try:
+            os.makedirs(prep_dir, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"{prep_dir}: cannot create it ({e.strerror}); pass --prep-dir DIR") from None
+        if not os.access(prep_dir, os.W_OK) or not os.stat(prep_dir).st_mode & 0o200:  # root ignores modes
+            raise UserError(f"{prep_dir}: not writable; pass --prep-dir DIR for the prepared arrays")
         t0 = time.time()
         log(f"{data}: preparing into {prep_dir}")
         if data == "shapes":
@@ -396,86 +386,64 @@ def prepare(data, data_dir=None, size=112, base_url=DEFAULT_BASE_URL, log=print,
     return prep_dir
 
 
-def _check_writable(prep_dir):
-    try:
-        os.makedirs(prep_dir, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"{prep_dir}: cannot create it ({e.strerror}); pass --prep-dir DIR") from None
-    if not os.access(prep_dir, os.W_OK) or not os.stat(prep_dir).st_mode & 0o200:  # root ignores modes
-        raise UserError(f"{prep_dir}: not writable; pass --prep-dir DIR for the prepared arrays")
-
-
 # ----------------------------------------------------------------------------- plumbing: downloads, archives
-
 ADVICE = "check the network, use --base-url for a mirror, or --data shapes to work offline"
 
 
-class _Retry(Exception):
-    """A failed try that another one may fix: HTTP 5xx, a short body, a range we did not ask for."""
-
-
 def download(url, dest, retries=4, backoff=1.0, timeout=(10, 60)):
-    """Streams url to dest via dest.part, retrying (1, 2, 4, 8 s apart) and resuming where it broke off.
-    dest appears only when complete. HTTP errors and exhausted retries raise UserError."""
+    """Streams url to dest via dest.part, which the next try resumes; dest appears only when whole.
+    HTTP 5xx, a dropped link or a short body is retried 1, 2, 4, 8 s later; other failures: one UserError."""
+    part, why = dest + ".part", None
     for attempt in range(retries + 1):
+        if attempt:
+            time.sleep(backoff * 2 ** (attempt - 1))  # give a flaky link time to recover
+        have = os.path.getsize(part) if os.path.exists(part) else 0
         try:
-            _download_once(url, dest + ".part", timeout)
-            os.replace(dest + ".part", dest)
-            return dest
-        except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError,
-                _Retry) as e:
-            if attempt == retries:
-                why = e if isinstance(e, _Retry) else type(e).__name__
-                raise UserError(f"{url}: download failed after {retries + 1} tries ({why}); {ADVICE}") from None
-            time.sleep(backoff * 2 ** attempt)  # give a flaky link time to recover
+            with requests.get(url, headers={"Range": f"bytes={have}-"} if have else {}, stream=True,
+                              timeout=timeout) as r:
+                if 400 <= r.status_code < 500 and r.status_code != 416:  # a wrong URL: retrying will not help
+                    raise UserError(f"{url}: HTTP {r.status_code} {r.reason}; {ADVICE}")
+                starts_at_have = r.headers.get("Content-Range", "").startswith(f"bytes {have}-")
+                resumed = r.status_code == 206 and starts_at_have
+                if r.status_code in (206, 416) and not resumed:  # our .part is no prefix the server knows
+                    os.remove(part)
+                if r.status_code != 200 and not resumed:  # a 5xx, or the bad range above: try again
+                    why = f"HTTP {r.status_code}"
+                    continue
+                length = r.headers.get("Content-Length", "")  # a 200 sends the whole file, from byte 0
+                total = (have if resumed else 0) + int(length) if length.isdigit() else None
+                of = f" of {total / 1e6:.1f}" if total else ""
+                with open(part, "ab" if resumed else "wb") as f:
+                    for chunk in r.iter_content(1 << 16):
+                        f.write(chunk)
+                        progress(f"  {os.path.basename(dest)}: {f.tell() / 1e6:.1f}{of} MB")
+        except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as e:
+            why = type(e).__name__
+            continue
         except requests.RequestException as e:  # a bad URL and the like: retrying will not help
             raise UserError(f"{url}: {type(e).__name__}; {ADVICE}") from None
-
-
-def _download_once(url, part, timeout):
-    """One request: appends to part if the server resumes where part ends, else writes it from byte 0."""
-    have = os.path.getsize(part) if os.path.exists(part) else 0
-    with requests.get(url, headers={"Range": f"bytes={have}-"} if have else {}, stream=True,
-                      timeout=timeout) as r:
-        if r.status_code >= 500:
-            raise _Retry(f"HTTP {r.status_code}")
-        if r.status_code >= 400 and r.status_code != 416:
-            raise UserError(f"{url}: HTTP {r.status_code} {r.reason}; {ADVICE}")
-        resumed = r.status_code == 206 and r.headers.get("Content-Range", "").startswith(f"bytes {have}-")
-        if r.status_code in (206, 416) and not resumed:  # our .part is not a prefix the server knows
-            os.remove(part)
-            raise _Retry(f"HTTP {r.status_code} for bytes={have}-, starting over")
-        have = have if resumed else 0  # 200: the server ignored Range and sends it all, from byte 0
-        length = r.headers.get("Content-Length", "")
-        total = have + int(length) if length.isdigit() else None
-        name, t0 = os.path.basename(url), time.time()
-        with open(part, "ab" if resumed else "wb") as f:
-            for chunk in r.iter_content(1 << 16):
-                f.write(chunk)
-                speed = (f.tell() - have) / max(time.time() - t0, 1e-6)  # bytes/s
-                of = f"/{total / 1e6:.1f}" if total else ""
-                left = f", {(total - f.tell()) / max(speed, 1):.0f}s left" if total else ""
-                progress(f"  {name}: {f.tell() / 1e6:.1f}{of} MB at {speed / 1e6:.2f} MB/s{left}")
-    got = os.path.getsize(part)
-    if total is not None and got != total:
-        raise _Retry(f"got {got} of {total} bytes")
-    progress(f"  {name}: {got / 1e6:.1f} MB downloaded", end=True)
+        got = os.path.getsize(part)
+        if total is None or got == total:
+            progress(f"  {os.path.basename(dest)}: {got / 1e6:.1f} MB downloaded", end=True)
+            os.replace(part, dest)
+            return dest
+        why = f"got {got} of {total} bytes"
+    raise UserError(f"{url}: download failed after {retries + 1} tries ({why}); {ADVICE}")
 
 
 def extract_zip(path, dest_dir):
-    """Checks and extracts an archive into dest_dir. Refuses it whole if any entry is absolute or
-    has '..'; a corrupt archive (bad zip, bad CRC) is removed. __MACOSX junk is skipped."""
+    """Extracts an archive into dest_dir, all of it or nothing: refused if any entry is absolute or has '..',
+    removed if corrupt (bad zip, bad CRC). Mac junk (__MACOSX, ._*, .DS_Store) is skipped."""
     tmp = os.path.join(dest_dir, ".extract.tmp")  # nothing moves into place until all of it is out
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     try:
         with zipfile.ZipFile(path) as zf:
-            for name in zf.namelist():  # check every entry before extracting any
+            for info in zf.infolist():
+                name, base = info.filename, os.path.basename(info.filename.rstrip("/"))
                 if re.match(r"[/\\]|[A-Za-z]:", name) or ".." in re.split(r"[/\\]", name):
                     raise UserError(f"{path}: unsafe entry {name!r} (absolute or '..'); archive refused")
-            for info in zf.infolist():
-                base = os.path.basename(info.filename.rstrip("/"))
-                if not (info.filename.startswith("__MACOSX/") or base.startswith("._") or base == ".DS_Store"):
+                if not (name.startswith("__MACOSX/") or base.startswith("._") or base == ".DS_Store"):
                     zf.extract(info, tmp)  # reading checks each entry's CRC
         for entry in os.listdir(tmp):
             target = os.path.join(dest_dir, entry)
