@@ -32,6 +32,7 @@ from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
 import bpe
+import checkpoint
 import common
 import data
 import scores
@@ -195,7 +196,7 @@ def bench_sampling(quick):
         torch.manual_seed(0)
         tok = bpe.Tokenizer.train(["a red circle", "a small blue square above a large red circle"], 300)
         model = VLM(Config(vocab_size=tok.vocab_size))
-        common.save_pretrained(tmp, model, tok)
+        checkpoint.save_pretrained(tmp, model, tok)
         img = os.path.join(tmp, "x.png")
         Image.fromarray(np.zeros((112, 112, 3), np.uint8)).save(img)
         t0 = time.perf_counter()

@@ -1,31 +1,29 @@
 """
-common.py: the plumbing that data.py, train.py, sample.py and bench.py share, written once.
+common.py: the plumbing every script shares, written once: train.py, sample.py, data.py, bench.py.
 
 - UserError and cli(): a problem the user can fix is one line on stderr and exit status 2, no traceback
 - atomic_write(): every file the project writes appears whole or not at all
 - progress(): the one status line of a long job
-- pick_device(): the best device that works, or one line saying why not
+- devices: the best device that works (or one line saying why not), its precision, glibc's memory reuse
 - flags: the dataset flags of every script, and one-line checks of the rest
-- checkpoints: torch files read safely, a hand-written safetensors reader and writer, and the
-  published folder (model.safetensors + config.json + tokenizer.json), also as others wrote it
+- downloads that resume and retry, and zip archives extracted safely
 
-Left out: sharded checkpoints, remote model hubs, pickled Python objects of any kind.
-Tests: python -m pytest -q test_all.py -k "common or safetensors or load_model or published"
+Checkpoints and the published layout are checkpoint.py's. Left out: proxies, checksums, other archives.
+Tests: python -m pytest -q test_all.py -k "flags or device or download or archive or failed_write"
 """
 import contextlib
 import ctypes
-import json
-import math
 import os
-import struct
+import re
+import shutil
 import sys
 import time
 import warnings
+import zipfile
+import zlib
 
+import requests
 import torch
-
-from bpe import Tokenizer
-from model import VLM, Config
 
 
 class UserError(Exception):
@@ -159,201 +157,71 @@ def check_flags(args, rules):
             raise UserError(f"{flag} {value}: must be {allowed}")
 
 
-# ----------------------------------------------------------------------------- safetensors, by hand
-# Layout: 8-byte little-endian header length N, N bytes of JSON {name: {dtype, shape, data_offsets}}
-# (plus an optional "__metadata__" of strings), padded with spaces to a multiple of 8, then the raw
-# little-endian tensor bytes; data_offsets count from the end of the header.
+# ----------------------------------------------------------------------------- downloads and archives
 
-DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-          "U8": torch.uint8, "BOOL": torch.bool}
-DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
-MAX_HEADER = 100 * 2 ** 20  # the real library's cap as well; ours is ~5 KB
+def download(url, dest, advice, retries=4, backoff=1.0, timeout=(10, 60)):
+    """Streams url to dest via dest.part, which the next try resumes; dest appears only when whole.
+    HTTP 5xx, a dropped link or a short body is retried 1, 2, 4, 8 s later; other failures: one UserError
+    that ends with `advice` (what the user can do about it)."""
+    part, why = dest + ".part", None
+    for attempt in range(retries + 1):
+        if attempt:
+            time.sleep(backoff * 2 ** (attempt - 1))  # give a flaky link time to recover
+        have = os.path.getsize(part) if os.path.exists(part) else 0
+        try:
+            with requests.get(url, headers={"Range": f"bytes={have}-"} if have else {}, stream=True,
+                              timeout=timeout) as r:
+                if 400 <= r.status_code < 500 and r.status_code != 416:  # a wrong URL: retrying will not help
+                    raise UserError(f"{url}: HTTP {r.status_code} {r.reason}; {advice}")
+                starts_at_have = r.headers.get("Content-Range", "").startswith(f"bytes {have}-")
+                resumed = r.status_code == 206 and starts_at_have
+                if r.status_code in (206, 416) and not resumed:  # our .part is no prefix the server knows
+                    os.remove(part)
+                if r.status_code != 200 and not resumed:  # a 5xx, or the bad range above: try again
+                    why = f"HTTP {r.status_code}"
+                    continue
+                length = r.headers.get("Content-Length", "")  # a 200 sends the whole file, from byte 0
+                total = (have if resumed else 0) + int(length) if length.isdigit() else None
+                of = f" of {total / 1e6:.1f}" if total else ""
+                with open(part, "ab" if resumed else "wb") as f:
+                    for chunk in r.iter_content(1 << 16):
+                        f.write(chunk)
+                        progress(f"  {os.path.basename(dest)}: {f.tell() / 1e6:.1f}{of} MB")
+        except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as e:
+            why = type(e).__name__
+            continue
+        except requests.RequestException as e:  # a bad URL and the like: retrying will not help
+            raise UserError(f"{url}: {type(e).__name__}; {advice}") from None
+        got = os.path.getsize(part)
+        if total is None or got == total:
+            progress(f"  {os.path.basename(dest)}: {got / 1e6:.1f} MB downloaded", end=True)
+            os.replace(part, dest)
+            return dest
+        why = f"got {got} of {total} bytes"
+    raise UserError(f"{url}: download failed after {retries + 1} tries ({why}); {advice}")
 
 
-def write_safetensors(path, tensors, metadata=None):
-    header, blobs, offset = {}, [], 0
-    if metadata:
-        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
-    for name, t in tensors.items():
-        t = t.detach().cpu().contiguous()
-        raw = t.reshape(-1).view(torch.uint8).numpy().tobytes()  # any dtype as its bytes (little-endian host)
-        header[name] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape),
-                        "data_offsets": [offset, offset + len(raw)]}
-        blobs.append(raw)
-        offset += len(raw)
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)  # the tensors start 8-byte aligned
-    with atomic_write(path) as f:
-        f.write(struct.pack("<Q", len(text)) + text + b"".join(blobs))
-
-
-def read_safetensors(path):
-    """{name: tensor} from a .safetensors file, refusing anything malformed in one line. Every size is
-    checked against the bytes actually in the file before anything is allocated."""
-    def check(ok, why):
-        if not ok:
-            raise UserError(f"{path}: not a valid safetensors file: {why}")
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        check(size >= 8, f"only {size} bytes")
-        (n,) = struct.unpack("<Q", f.read(8))
-        check(n <= min(size - 8, MAX_HEADER), f"header length {n} goes beyond the file's {size} bytes")
-        head, blob = f.read(n), f.read()  # blob: the data the file holds, whatever the header claims
+def extract_zip(path, dest_dir):
+    """Extracts an archive into dest_dir, all of it or nothing: refused if any entry is absolute or has '..',
+    removed if corrupt (bad zip, bad CRC). Mac junk (__MACOSX, ._*, .DS_Store) is skipped."""
+    tmp = os.path.join(dest_dir, ".extract.tmp")  # nothing moves into place until all of it is out
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
     try:
-        header = json.loads(head)
-    except ValueError:  # also UnicodeDecodeError
-        check(False, "header is not JSON")
-    check(isinstance(header, dict), "header is not a JSON object")
-    header.pop("__metadata__", None)  # free-form strings, e.g. {"format": "pt"}
-    spans, end = [], 0
-    for name, info in header.items():
-        info = info if isinstance(info, dict) else {}
-        dtype, shape, offsets = DTYPES.get(info.get("dtype")), info.get("shape"), info.get("data_offsets")
-        a, b = offsets if isinstance(offsets, list) and len(offsets) == 2 else (None, None)
-        check(dtype is not None, f"tensor {name!r} has unknown dtype {info.get('dtype')!r}")
-        check(isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape),
-              f"tensor {name!r} has shape {shape!r}, not a list of sizes")
-        check(type(a) is int and type(b) is int and 0 <= a <= b <= len(blob),
-              f"tensor {name!r} has data_offsets {[a, b]} outside the {len(blob)} data bytes")
-        need = math.prod(shape) * dtype.itemsize
-        check(b - a == need, f"tensor {name!r}: shape {shape} needs {need} bytes, data_offsets give {b - a}")
-        spans.append((a, b, name, dtype, shape))
-    for a, b, name, _, _ in sorted(spans, key=lambda s: s[:2]):
-        check(a == end, f"tensor {name!r} starts at byte {a}, expected {end}")  # no gaps, no overlaps
-        end = b
-    check(end == len(blob), f"{len(blob) - end} bytes after the last tensor")
-    return {name: (torch.frombuffer(bytearray(blob[a:b]), dtype=dtype) if b > a  # frombuffer refuses 0 bytes
-                   else torch.empty(0, dtype=dtype)).reshape(shape) for a, b, name, dtype, shape in spans}
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
-def load_torch(path):
-    """A torch.save file, safely (weights_only: tensors, numbers, strings, never code); failures are one line."""
-    if not os.path.exists(path):
-        raise UserError(f"{path}: no such checkpoint file or folder")
-    with open(path, "rb") as f:
-        if f.read(4) != b"PK\x03\x04":  # torch.save writes a zip archive
-            raise UserError(f"{path}: not a PyTorch checkpoint (not a zip archive as torch.save writes)")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, foreign pickle, random bytes: torch raises many kinds
-        first = str(e).split("\n")[0].split(". ")[0][:120]  # torch's messages run on for lines
-        raise UserError(f"{path}: not a readable PyTorch checkpoint ({first})") from None
-
-
-def save_torch(path, obj):
-    with atomic_write(path) as f:
-        torch.save(obj, f)
-
-
-# The published config.json: nine keys, the Config fields they hold. The token ids are optional there:
-# (our key, the Hugging Face key, the tokenizer's token, the seed code's default) for each.
-CONFIG_KEYS = {"D_MODEL": "d_model", "N_HEADS": "n_heads", "N_LAYERS": "n_layers", "D_FF": "d_ff",
-               "VIS_CH": "vis_ch", "N_VIS": "n_vis", "VOCAB_SIZE": "vocab_size", "MAX_SEQ": "max_seq",
-               "IMG_SIZE": "img_size"}
-TOKEN_IDS = {"bos_id": ("BOS_ID", "bos_token_id", 1), "eos_id": ("EOS_ID", "eos_token_id", 2),
-             "pad_id": ("PAD_ID", "pad_token_id", 0)}
-
-
-def save_pretrained(out_dir, model, tok):
-    """The published layout: model.safetensors (the tied tok_emb/lm_head matrix stored under both names,
-    so a strict load finds both), config.json (the nine keys and the token ids), tokenizer.json."""
-    os.makedirs(out_dir, exist_ok=True)
-    write_safetensors(os.path.join(out_dir, "model.safetensors"), model.state_dict(), {"format": "pt"})
-    config = {key: getattr(model.config, field) for key, field in CONFIG_KEYS.items()}
-    config.update({hf_key: getattr(model.config, field) for field, (_, hf_key, _) in TOKEN_IDS.items()})
-    with atomic_write(os.path.join(out_dir, "config.json"), "w") as f:
-        f.write(json.dumps(config, indent=2) + "\n")
-    tok.save(os.path.join(out_dir, "tokenizer.json"))
-
-
-def read_config_json(path, tok):
-    """Config fields from a published config.json. Token ids: BOS_ID or bos_token_id (and so on) when
-    present, else the tokenizer's <bos>, <eos>, <pad>, else 1, 2, 0 as the seed's code. Other keys: ignored."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            published = json.load(f)
-        fields = {field: published[key] for key, field in CONFIG_KEYS.items()}
-    except (ValueError, KeyError, TypeError) as e:
-        raise UserError(f"{path}: not a SupraVL config ({type(e).__name__}: {e})") from None
-    for field, (ours, hf_key, default) in TOKEN_IDS.items():
-        found = [published.get(ours), published.get(hf_key), getattr(tok, field), default]
-        fields[field] = next(i for i in found if i is not None)
-    return fields
-
-
-def read_checkpoint(path):
-    """(weights, Config fields, the file to blame for them, tokenizer) from any form we know:
-    - a folder: model.safetensors (else model.pt) beside config.json and tokenizer.json
-    - a .pt file: train.py's ckpt.pt holds its config and tokenizer; another one (the published model.pt:
-      weights + optimizer + scheduler state) takes them from config.json and tokenizer.json beside it."""
-    folder = path if os.path.isdir(path) else os.path.dirname(path)
-    weights_file = path
-    if os.path.isdir(path):
-        names = [n for n in ("model.safetensors", "model.pt") if os.path.isfile(os.path.join(path, n))]
-        if not names:
-            raise UserError(f"{path}: no model.safetensors or model.pt (expected beside config.json, tokenizer.json)")
-        weights_file = os.path.join(path, names[0])
-    ckpt = read_safetensors(weights_file) if weights_file.endswith(".safetensors") else load_torch(weights_file)
-    if not isinstance(ckpt, dict):
-        raise UserError(f"{weights_file}: not a SupraVL checkpoint (not a dict of weights)")
-    holder = next((k for k in ("model", "model_state_dict", "state_dict") if isinstance(ckpt.get(k), dict)), None)
-    weights = ckpt[holder] if holder else ckpt  # the optimizer and scheduler state beside them: not needed
-    if not weights or not all(isinstance(v, torch.Tensor) for v in weights.values()):
-        raise UserError(f"{weights_file}: not a SupraVL checkpoint (no weights, nor model/state_dict of them)")
-    if isinstance(ckpt.get("tokenizer"), str) and isinstance(ckpt.get("config"), dict):
-        return weights, ckpt["config"], weights_file, Tokenizer.from_json(ckpt["tokenizer"], weights_file)
-    for name in ("config.json", "tokenizer.json"):
-        if not os.path.isfile(os.path.join(folder, name)):
-            raise UserError(f"{path}: no {name} beside the weights (a published folder holds "
-                            "model.safetensors or model.pt, config.json, tokenizer.json)")
-    tok = Tokenizer.load(os.path.join(folder, "tokenizer.json"))
-    config_path = os.path.join(folder, "config.json")
-    return weights, read_config_json(config_path, tok), config_path, tok
-
-
-def tie_head(weights, path):
-    """The head is tok_emb.weight, as in the seed's code, which re-ties after loading: an absent
-    lm_head.weight is no problem, a different one is overruled (and said once)."""
-    head, emb = weights.get("lm_head.weight"), weights.get("tok_emb.weight")
-    if head is not None and emb is not None and not torch.equal(head, emb):
-        print(f"note: {path}: lm_head.weight differs from tok_emb.weight; the head is tied to "
-              "tok_emb.weight, as the published code does", file=sys.stderr)
-    if emb is not None:
-        weights["lm_head.weight"] = emb
-    return weights
-
-
-def load_model(path, device="cpu"):
-    """(model in eval mode on device, tokenizer) from a ckpt.pt, a published folder, or a model.pt."""
-    try:
-        weights, fields, where, tok = read_checkpoint(path)
-    except ValueError as e:  # bpe's errors; they name their file
-        raise UserError(str(e)) from None
-    # the seed's code stores its causal masks as buffers: not weights, and ours builds no such buffer
-    weights = tie_head({k: v for k, v in weights.items() if not k.endswith(".attn.mask")}, path)
-    held = sum(v.numel() for v in weights.values())
-    try:
-        c = Config(**fields)
-        # The weights (real bytes) bound the model: a config.json claiming D_MODEL = 10**6 is refused
-        # here instead of making VLM allocate terabytes. These are its largest matrices.
-        d = c.d_model
-        if max(c.vocab_size * d, (c.n_vis + c.max_seq) * d, c.n_layers * d * c.d_ff, c.vis_ch ** 2) > held:
-            raise ValueError(f"it describes a bigger model than the {held} weights hold")
-        model = VLM(c)
-    except (ValueError, TypeError, RuntimeError) as e:
-        raise UserError(f"{where}: bad config ({e})") from None
-    want = model.state_dict()
-    problems = {"missing weights": [k for k in want if k not in weights],
-                "unknown weights": [k for k in weights if k not in want],
-                "wrong shapes": [f"{k} {tuple(v.shape)} not {tuple(want[k].shape)}"
-                                 for k, v in weights.items() if k in want and v.shape != want[k].shape]}
-    for what, names in problems.items():
-        if names:  # one line, whatever is wrong
-            raise UserError(f"{where}: {what}: {', '.join(names[:3])}" + (" ..." if len(names) > 3 else ""))
-    if tok.vocab_size > c.vocab_size:
-        raise UserError(f"{path}: tokenizer has {tok.vocab_size} ids, the model only {c.vocab_size}")
-    model.load_state_dict(weights, strict=True)
-    return model.to(device).eval(), tok
+        with zipfile.ZipFile(path) as zf:
+            for info in zf.infolist():
+                name, base = info.filename, os.path.basename(info.filename.rstrip("/"))
+                if re.match(r"[/\\]|[A-Za-z]:", name) or ".." in re.split(r"[/\\]", name):
+                    raise UserError(f"{path}: unsafe entry {name!r} (absolute or '..'); archive refused")
+                if not (name.startswith("__MACOSX/") or base.startswith("._") or base == ".DS_Store"):
+                    zf.extract(info, tmp)  # reading checks each entry's CRC
+        for entry in os.listdir(tmp):
+            target = os.path.join(dest_dir, entry)
+            if os.path.isdir(target):
+                shutil.rmtree(target)
+            os.replace(os.path.join(tmp, entry), target)
+    except (zipfile.BadZipFile, zlib.error, EOFError) as e:
+        os.remove(path)
+        raise UserError(f"{path}: corrupt archive ({e}); removed it, run again to download it again") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

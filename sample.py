@@ -9,8 +9,8 @@ sample.py: caption your own images with a trained SupraVL-Nano, see where it loo
 
 --ckpt (default out/ckpt.pt): train.py's ckpt.pt, or a folder in the published layout
 (model.safetensors or model.pt, config.json, tokenizer.json) such as train.py's out/ or the published
-SupraVL-Nano-900k folder itself (common.load_model reads every form). The captioning and the scores
-live in scores.py, the checkpoints in common.py; this file is the command line and the picture.
+SupraVL-Nano-900k folder itself (checkpoint.load_model reads every form). The captioning and the
+scores live in scores.py; this file is the command line and the attention picture.
 Left out: batching across --img calls, a server, image URLs.
 """
 import argparse
@@ -25,7 +25,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 import data
 import scores
-from common import UserError, add_data_flags, atomic_write, check_flags, cli, load_model, pick_device
+from checkpoint import load_model
+from common import UserError, add_data_flags, atomic_write, check_flags, cli, pick_device
 
 
 def word_attention(tok, ids, attn):

@@ -38,8 +38,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import data
 import scores
 from bpe import Tokenizer
-from common import (UserError, add_data_flags, atomic_write, check_flags, cli, keep_freed_memory, load_torch,
-                    pick_device, pick_dtype, save_pretrained, save_torch)
+from checkpoint import load_torch, save_pretrained, save_torch
+from common import UserError, add_data_flags, atomic_write, check_flags, cli, keep_freed_memory, pick_device, pick_dtype
 from model import VLM, Config
 
 # Flickr8k: the card's recipe but for the peak lr: on the real photos at hand, 1e-3 reached a lower
