@@ -6,7 +6,7 @@ data.py: the two datasets, each prepared once into the uint8 arrays that trainin
 Both end in one format, so training has one code path (prep_dir: --prep-dir, else --data-dir):
     {prep_dir}/{split}_images_{size}.npy   uint8 (N, size, size, 3), squash-resized (no crop)
     {prep_dir}/{split}_captions.json       {"names": [...], "captions": [[caption, ...], ...]}
-Left out: augmentation, any other dataset. The plumbing (downloads, archives) comes last.
+Left out: augmentation, any other dataset. Downloads and archives are common.py's plumbing.
 
     python data.py --data shapes        # -> data/shapes (+ contact_sheet.png), in seconds
     python data.py --data flickr8k      # -> data/flickr8k (downloads ~1 GB)
