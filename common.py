@@ -24,6 +24,7 @@ import zlib
 
 import requests
 import torch
+import torch.distributed as dist
 
 
 class UserError(Exception):
@@ -138,6 +139,41 @@ def keep_freed_memory():
             return
         libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD: blocks under 1 GB come from the reusable heap
         libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: keep up to 1 GB of freed heap
+
+
+def setup(args):
+    """The device and precision, and the process group when run by torchrun. Returns (device, dtype,
+    rank, world, log); only rank 0 logs."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    log = print if rank == 0 else (lambda *a, **k: None)
+    device = pick_device(args.device)
+    if device == "cuda" and world > 1:
+        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+        torch.cuda.set_device(device)
+    if world > 1:
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    if device == "cpu":
+        keep_freed_memory()
+    if device.startswith("cuda"):
+        torch.backends.cudnn.benchmark = True  # the shapes barely change: let cuDNN time its kernels once
+    dtype, why = pick_dtype(args.dtype, device)
+    log(f"device {device}, {str(dtype)[6:]} ({why}), {world} process{'es' if world > 1 else ''}")
+    return device, dtype, rank, world, log
+
+
+STOP = []  # train.py's Ctrl-C handler appends True: stop at the next step boundary
+
+
+def stop_requested(step, every, world, device):
+    """Ctrl-C sets STOP (train.py's handler). Several processes agree on it every `every` steps, so all stop
+    at the same step (a rank that left alone would leave the others waiting in the gradient all-reduce)."""
+    if world == 1:
+        return bool(STOP)
+    if step % every:
+        return False
+    flag = torch.tensor([float(bool(STOP))], device=device)
+    dist.all_reduce(flag)
+    return flag.item() > 0
 
 
 def add_data_flags(parser, default):

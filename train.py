@@ -5,12 +5,9 @@ The card's recipe: 15 epochs over the 30,000 Flickr8k (image, caption) training 
 AdamW(0.9, 0.95) with weight decay 0.01 on matrices only, a short warmup then cosine to 3e-5, gradient
 clipping at 1.0, teacher forcing, mixed precision where the device has it; with one measured change, a
 peak lr of 1e-3 instead of 3e-4 (see RECIPES). The built-in shapes set has a recipe measured to finish
-on a laptop CPU. What a run leaves in --out-dir (default out/):
-    ckpt.pt            latest full state (weights, optimizer, step, settings, tokenizer); --resume continues it
-    best.pt            weights with the lowest validation loss so far
-    loss.png           train and validation loss and the learning rate, redrawn at each evaluation
-    model.safetensors, config.json, tokenizer.json   the published layout: `sample.py --ckpt out`
-    eval.json          BLEU-1..4, CIDEr-D (and exact match on shapes) of the validation split
+on a laptop CPU. A run leaves in --out-dir (default out/): ckpt.pt (the full state, which --resume
+continues), best.pt (the lowest validation loss), loss.png, eval.json (scores of the validation split)
+and the published layout (model.safetensors, config.json, tokenizer.json: `sample.py --ckpt out`).
 
 Left out on purpose: gradient accumulation, EMA weights, data augmentation, learning-rate finders.
 
@@ -39,7 +36,7 @@ import data
 import scores
 from bpe import Tokenizer
 from checkpoint import load_torch, save_pretrained, save_torch
-from common import UserError, add_data_flags, atomic_write, check_flags, cli, keep_freed_memory, pick_device, pick_dtype
+from common import STOP, UserError, add_data_flags, atomic_write, check_flags, cli, setup, stop_requested
 from model import VLM, Config
 
 # Flickr8k: the card's recipe but for the peak lr: on the real photos at hand, 1e-3 reached a lower
@@ -125,10 +122,11 @@ def train(args):
         adopt_settings(args, state, log)
     torch.manual_seed(args.seed)
     train_split, val_split = prepare_data(args, rank, world, log)
-    tok = Tokenizer.from_json(state["tokenizer"], "ckpt.pt") if state else train_tokenizer(train_split, args, log)
+    captions = [c for caps in train_split.captions for c in caps]
+    tok = Tokenizer.from_json(state["tokenizer"], "ckpt.pt") if state else Tokenizer.train(captions, args.vocab_size)
     model = VLM(Config(vocab_size=tok.vocab_size, n_vis=args.n_vis, dropout=args.dropout, pad_id=tok.pad_id,
                        bos_id=tok.bos_id, eos_id=tok.eos_id)).to(device)
-    log(f"model: {model.num_params():,} parameters, {args.n_vis} visual tokens")
+    log(f"tokenizer: {tok.vocab_size} ids; model: {model.num_params():,} parameters, {args.n_vis} visual tokens")
     run = Run(args, model, tok, make_optimizer(model, args),
               torch.amp.GradScaler(device.split(":")[0], enabled=dtype == torch.float16))
     if state:
@@ -180,7 +178,7 @@ def train(args):
             log(f"epoch {epoch + 1}/{args.epochs} step {run.step}/{total} loss {loss_val:.4f} lr {lr:.2e} "
                 f"{seen / dt:.0f} img/s eta {(stop_at - run.step) * dt * args.batch_size * world / seen / 60:.1f} min")
             seen = 0
-        if stop_requested(run.step, args, world, device):
+        if stop_requested(run.step, args.log_interval, world, device):
             return interrupted(run, rank, world, log)
         if run.step % every == 0 or run.step == stop_at:
             if rank == 0:
@@ -188,13 +186,6 @@ def train(args):
             if world > 1:
                 dist.barrier()  # the others wait while rank 0 evaluates and writes
     return finish(run, val_split, rank, log)
-
-
-def train_tokenizer(split, args, log):
-    t0 = time.time()
-    tok = Tokenizer.train([c for caps in split.captions for c in caps], args.vocab_size)
-    log(f"tokenizer: {tok.vocab_size} ids trained on the training captions in {time.time() - t0:.1f}s")
-    return tok
 
 
 def finish(run, val_split, rank, log):
@@ -351,9 +342,6 @@ def check_args(a):
         ("--out-dir", not os.path.isfile(a.out_dir), "a folder, not a file")])
 
 
-STOP = []  # becomes [True] on Ctrl-C (see main)
-
-
 def main(argv=None):
     args = get_args(argv)
     # Ctrl-C asks the loop to stop at the next step boundary, where the state is consistent.
@@ -368,26 +356,6 @@ def main(argv=None):
 # -----------------------------------------------------------------------------
 # Robustness and speed: devices and precision, processes, the output folder, resuming
 
-def setup(args):
-    """The device and precision, and the process group when run by torchrun. Returns (device, dtype,
-    rank, world, log); only rank 0 logs."""
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    log = print if rank == 0 else (lambda *a, **k: None)
-    device = pick_device(args.device)
-    if device == "cuda" and world > 1:
-        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-        torch.cuda.set_device(device)
-    if world > 1:
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    if device == "cpu":
-        keep_freed_memory()
-    if device.startswith("cuda"):
-        torch.backends.cudnn.benchmark = True  # the shapes barely change: let cuDNN time its kernels once
-    dtype, why = pick_dtype(args.dtype, device)
-    log(f"device {device}, {str(dtype)[6:]} ({why}), {world} process{'es' if world > 1 else ''}")
-    return device, dtype, rank, world, log
-
-
 def prepare_data(args, rank, world, log):
     """Rank 0 prepares (it may download ~1 GB first) while the others wait; then all read the arrays."""
     if rank == 0:
@@ -397,18 +365,6 @@ def prepare_data(args, rank, world, log):
         dist.barrier(group=dist.new_group(backend="gloo", timeout=timedelta(hours=2)))
     prep_dir = args.prep_dir or args.data_dir or os.path.join("data", args.data)
     return data.load_split(prep_dir, "train"), data.load_split(prep_dir, "val")
-
-
-def stop_requested(step, args, world, device):
-    """Ctrl-C sets STOP. Several processes agree on it every log interval, so all stop at the same step
-    (a rank that left alone would leave the others waiting in the gradient all-reduce)."""
-    if world == 1:
-        return bool(STOP)
-    if step % args.log_interval:
-        return False
-    flag = torch.tensor([float(bool(STOP))], device=device)
-    dist.all_reduce(flag)
-    return flag.item() > 0
 
 
 def interrupted(run, rank, world, log):
