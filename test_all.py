@@ -116,7 +116,7 @@ def test_first_merges_by_hand():
     assert t.merges == [(35, 102), (100, 101), (259, 103)]
 
 
-def test_simple_and_fast_trainers_learn_the_same_merges():
+def test_simple_and_fast_bpe_learn_the_same_merges():
     from bpe import train_fast, train_simple
     rng = random.Random(0)
     # three letters and short words: many ties, and a few hundred merges before no pair occurs twice
@@ -325,7 +325,7 @@ def test_we_load_a_file_written_by_huggingface_tokenizers(tmp_path):
 
 # The other forms `tokenizers` 0.23.3 writes for BPE, embedded as above, each with its ids and its
 # decode (skip_special_tokens=True) of them: for FORM_TEXTS, then (None rows) for ids picked by hand:
-# <pad> <bos> ... <eos>, an unknown id, and (byte-level) the first byte of "é" alone: a cut character.
+# specials (ids 0, 1, 2) around "a dog runs", an unknown id, and (byte-level) a cut "é": its first byte.
 # These files lack the bytes and characters unseen in training: "Q", "!", "😀" are dropped or [UNK].
 # Produced with:
 #   from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -347,6 +347,7 @@ def test_we_load_a_file_written_by_huggingface_tokenizers(tmp_path):
 #                   special_tokens=QUICK
 #   "word ends":    models.BPE(unk_token="[UNK]", end_of_word_suffix="</w>"), pre_tokenizers.Whitespace(),
 #                   decoders.BPEDecoder(suffix="</w>"), special_tokens=QUICK, end_of_word_suffix="</w>"
+# (the library numbers the "x</w>" characters in a different order from run to run; any order is valid)
 FORM_TEXTS = ["a dog runs", " the dogs are running in the snow.", "Ünïcode 😀😀 and\ttabs  ", "QQ zz café!!", ""]
 HF_FORMS = {
     'prefix space': (r"""
