@@ -269,7 +269,7 @@ class Tokenizer:
         specials = {t["content"]: t["id"] for t in added if t.get("special")}
         check(sorted(ids.values()) == list(range(len(ids))), "token ids are not 0..N-1 without repeats")
         unk = m.get("unk_token")
-        check(unk is None or unk in ids, f"model.unk_token {unk!r} is not in the vocab")
+        check(unk is None or isinstance(unk, str) and unk in ids, f"model.unk_token {unk!r} is not a token")
         tokens = {i: s for s, i in ids.items() if s not in specials}
         odd = [s for s in tokens.values() if form["byte_level"] and not set(s) <= CHAR_TO_BYTE.keys()]
         check(not odd, f"{len(odd)} tokens are not byte-level, e.g. {odd[:1]}")
@@ -311,7 +311,7 @@ def form_of(d, check):
     check(post in (None, "ByteLevel"), f"post_processor {post!r} is not supported")
     splits = {"ByteLevel": SPLIT.findall, "Whitespace": re.compile(r"\w+|[^\w\s]+").findall,
               "WhitespaceSplit": str.split}
-    check(pre in splits, f"pre_tokenizer {pre!r} is not supported")
+    check(isinstance(pre, str) and pre in splits, f"pre_tokenizer {pre!r} is not supported")
     byte_level = pre == "ByteLevel"
     check(dec in (("ByteLevel",) if byte_level else (None, "BPEDecoder")),
           f"decoder {dec!r} is not supported with pre_tokenizer {pre!r}")
