@@ -98,7 +98,7 @@ def train_simple(texts, vocab_size):
         for w, n in zip(words, counts):
             for pair in zip(w, w[1:]):
                 stats[pair] += n
-        # skip a pair that makes an existing token ("a"+"bc" after "ab"+"c"): one way to make each
+        # skip pairs that remake a token ("a"+"bc" after "ab"+"c"): tokenizer.json keys tokens by string
         fresh = [(-n, p) for p, n in stats.items() if vocab[p[0]] + vocab[p[1]] not in made]
         n, pair = min(fresh, default=(0, None))  # the most frequent; ties go to the smaller ids
         if -n < 2:
