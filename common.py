@@ -25,6 +25,7 @@ import zlib
 import requests
 import torch
 import torch.distributed as dist
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
 class UserError(Exception):
@@ -139,6 +140,15 @@ def keep_freed_memory():
             return
         libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD: blocks under 1 GB come from the reusable heap
         libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: keep up to 1 GB of freed heap
+
+
+@contextlib.contextmanager
+def precision(device, dtype):
+    """Autocast to dtype (float32: off), and on the CPU SDPA's plain math kernel, because its flash
+    kernel's backward is slower for attention this small (bench.py: 1.2x faster bf16 steps)."""
+    kernels = sdpa_kernel(SDPBackend.MATH) if device == "cpu" else contextlib.nullcontext()
+    with torch.autocast(device.split(":")[0], dtype=dtype, enabled=dtype != torch.float32), kernels:
+        yield
 
 
 def setup(args):

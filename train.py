@@ -18,6 +18,7 @@ Run:
     torchrun --standalone --nproc_per_node=4 train.py    # data parallel over 4 GPUs (gloo on CPUs)
 """
 import argparse
+import functools
 import json
 import math
 import os
@@ -36,7 +37,8 @@ import data
 import scores
 from bpe import Tokenizer
 from checkpoint import load_torch, save_pretrained, save_torch
-from common import STOP, UserError, add_data_flags, atomic_write, check_flags, cli, setup, stop_requested
+from common import (STOP, UserError, add_data_flags, atomic_write, check_flags, cli, precision, setup,
+                    stop_requested)
 from model import VLM, Config
 
 # Flickr8k: the card's recipe but for the peak lr: on the real photos at hand, 1e-3 reached a lower
@@ -134,7 +136,7 @@ def train(args):
     fast = torch.compile(model) if args.compile else model
     if world > 1:
         fast = DDP(fast, device_ids=[int(device.split(":")[1])] if device.startswith("cuda") else None)
-    autocast = torch.autocast(device.split(":")[0], dtype=dtype, enabled=dtype != torch.float32)
+    autocast = functools.partial(precision, device, dtype)  # autocast(): a fresh context each time
     # What a step needs stays on the device: the uint8 images (225 MB for Flickr8k: a batch is a gather),
     # the token rows, and the epoch's order; the lengths stay on the CPU, where cutting a batch needs them.
     train_rows, val_rows = (encode_pairs(s, tok, model.config.max_seq) for s in (train_split, val_split))
@@ -160,7 +162,7 @@ def train(args):
             g["lr"] = lr
         torch.manual_seed(args.seed + run.step * world + rank)  # dropout masks: a function of (step, rank)
         x, ids, targets = get_batch(order[i], longest[i], tokens, image_of, images)
-        with autocast:
+        with autocast():
             _, loss = fast(x, ids, targets)
         run.scaler.scale(loss).backward()
         run.scaler.unscale_(run.opt)
@@ -212,7 +214,7 @@ def val_loss(model, val, autocast, batches=20, batch_size=64):
     model.eval()
     for i in range(0, min(len(lengths), batches * batch_size), batch_size):
         rows = torch.arange(i, min(i + batch_size, len(lengths)), device=tokens.device)
-        with autocast:
+        with autocast():
             batch = get_batch(rows, int(lengths[i:i + batch_size].max()), tokens, image_of, images)
             losses.append(model(*batch)[1].float())
     model.train()
@@ -225,7 +227,7 @@ def validate(run, val, names, autocast, log):
     run.history["val"].append((run.step, loss))
     log(f"step {run.step}: val loss {loss:.4f}")
     run.model.eval()
-    with torch.no_grad(), autocast:
+    with torch.no_grad(), autocast():
         seqs = run.model.generate_greedy(data.normalize(val[3][:3]), run.model.config.max_seq)
     run.model.train()
     for name, ids in zip(names, seqs):
