@@ -142,34 +142,41 @@ def matmul_peak():
 
 
 def bench_training(quick):
+    """A training step as train.py runs it on the CPU (common.precision: autocast, and SDPA's math kernel),
+    beside bf16 with torch's default attention kernel (flash)."""
     peak = matmul_peak()
     row("fp32 matmul 1024^3 (the machine's peak)", f"{peak / 1e9:.0f} GFLOP/s")
+    contexts = {"fp32": lambda: common.precision("cpu", torch.float32),
+                "bf16": lambda: common.precision("cpu", torch.bfloat16),
+                "bf16, SDPA's default kernel": lambda: torch.autocast("cpu", dtype=torch.bfloat16)}
     for name, T in (("28 tokens (Flickr8k's longest)", 28), ("16 tokens (shapes)", 16)):
         torch.manual_seed(0)
         model = VLM(Config())
         opt = train.make_optimizer(model, argparse.Namespace(lr=3e-4, weight_decay=0.01))
         x, ids = torch.randn(64, 3, 112, 112), torch.randint(3, 2048, (64, T))
 
-        def step(dtype):
-            with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+        def step(context):
+            with context():
                 loss = model(x, ids, ids)[1]
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
 
         with FlopCounterMode(display=False) as fc:
-            step(torch.float32)
+            step(contexts["fp32"])
+        times = {}
         flops = fc.get_total_flops()
-        for dtype in (torch.float32, torch.bfloat16):
-            step(dtype)
-            t = best_time(lambda: step(dtype), 3 if quick else 8)
-            row(f"train step, batch 64, {name}, {str(dtype)[6:]}", f"{64 / t:.0f} img/s",
+        for label, context in contexts.items():
+            step(context)
+            t = times[label] = best_time(lambda: step(context), 3 if quick else 8)
+            row(f"train step, batch 64, {name}, {label}", f"{64 / t:.0f} img/s",
                 f"{flops / 64 / 1e6:.0f} MFLOP/img", f"{flops / t / peak:.0%} of fp32 peak")
     images = torch.randint(0, 256, (6000, 112, 112, 3), dtype=torch.uint8)
     tokens, image_of = torch.randint(0, 2048, (30000, 49)), torch.arange(30000) // 5
     rows = torch.randperm(30000)[:64]
     t_batch = best_time(lambda: train.get_batch(rows, 28, tokens, image_of, images), 20)
-    row("batch of 64 gathered + normalised", f"{1 / t_batch:.0f} batch/s", f"train step {t:.3f} s",
+    t = times["bf16"]
+    row("batch of 64 gathered + normalised", f"{1 / t_batch:.0f} batch/s", f"bf16 train step {t:.3f} s",
         f"{t / t_batch:.0f}x headroom")
 
 
