@@ -156,10 +156,11 @@ def setup(args):
     rank, world, log); only rank 0 logs."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     log = print if rank == 0 else (lambda *a, **k: None)
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    if world > 1 and args.device in ("auto", "cuda") and torch.cuda.is_available():
+        torch.cuda.set_device(local)  # before the first CUDA call, or every process opens one on GPU 0
     device = pick_device(args.device)
-    if device == "cuda" and world > 1:
-        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-        torch.cuda.set_device(device)
+    device = f"cuda:{local}" if device == "cuda" and world > 1 else device
     if world > 1:
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     if device == "cpu":

@@ -1,10 +1,8 @@
 """
-scores.py: how good are the captions? Caption a whole split in batches, then score it as papers do.
-
-- caption(): uint8 images -> caption strings (greedy, top-k sampling or beam search), a batch at a time
-- bleu(), cider(): corpus BLEU-1..4 and CIDEr-D exactly as the coco-caption toolkit computes them
-- exact_match(): the shapes set's strict score, the generated caption word for word one of the five
-- score_split(): all of the above over a data.Split; train.py's last step and `sample.py --eval`
+scores.py: how good are the captions? Caption a whole split in batches, then score it as papers do:
+corpus BLEU-1..4 and CIDEr-D exactly as the coco-caption toolkit computes them, and on shapes the
+strict exact match (the caption word for word one of the five). train.py's last step and
+`sample.py --eval` both call score_split().
 
 Left out: METEOR, ROUGE-L and SPICE (they need Java), coco's PTB tokenizer (the captions are already
 cleaned by data.clean_caption, so we split on whitespace).
