@@ -13,6 +13,7 @@ Left out on purpose: gradient accumulation, EMA weights, data augmentation, lear
 
 Run:
     python train.py --data shapes                        # offline, a few minutes on a 2-core CPU
+    python train.py --data shapes --n-vis 1              # the ablation: one pooled visual token, not 16
     python train.py                                      # Flickr8k on the best device (downloads it once)
     python train.py --resume                             # continue after Ctrl-C, kill -9 or --max-steps
     torchrun --standalone --nproc_per_node=4 train.py    # data parallel over 4 GPUs (gloo on CPUs)
@@ -36,7 +37,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import data
 import scores
 from bpe import Tokenizer
-from checkpoint import load_torch, save_pretrained, save_torch
+from checkpoint import adopt_settings, check_out_dir, load_torch, save_pretrained, save_torch
 from common import (STOP, UserError, add_data_flags, atomic_write, check_flags, cli, precision, setup,
                     stop_requested)
 from model import VLM, Config
@@ -47,7 +48,7 @@ from model import VLM, Config
 RECIPES = {"flickr8k": dict(epochs=15, batch_size=64, lr=1e-3, min_lr=3e-5, warmup_steps=200),
            "shapes": dict(epochs=6, batch_size=64, lr=2e-3, min_lr=1e-4, warmup_steps=100)}
 SHARED = dict(weight_decay=0.01, grad_clip=1.0, seed=1337, vocab_size=2048, n_vis=16, dropout=0.0,
-              log_interval=20, eval_interval=None, dtype="auto")
+              log_interval=20, eval_interval=None, dtype="auto")  # eval_interval None: a tenth of the run
 SETTINGS = ("data", "data_dir", "prep_dir", *RECIPES["shapes"], *SHARED)  # what a checkpoint remembers
 FIXED = ("data", "batch_size", "seed", "vocab_size", "n_vis", "dropout")  # on --resume: another run if changed
 
@@ -119,13 +120,14 @@ class Run:
 
 def train(args):
     device, dtype, rank, world, log = setup(args)
-    state = check_out_dir(args, log) if rank == 0 else load_torch(f"{args.out_dir}/ckpt.pt") if args.resume else None
+    ckpt = f"{args.out_dir}/ckpt.pt"
+    state = check_out_dir(args, log) if rank == 0 else load_torch(ckpt) if args.resume else None
     if state:
-        adopt_settings(args, state, log)
+        adopt_settings(args, state, FIXED, log)
     torch.manual_seed(args.seed)
     train_split, val_split = prepare_data(args, rank, world, log)
-    captions = [c for caps in train_split.captions for c in caps]
-    tok = Tokenizer.from_json(state["tokenizer"], "ckpt.pt") if state else Tokenizer.train(captions, args.vocab_size)
+    captions = [c for caps in train_split.captions for c in caps]  # the tokenizer learns from these alone
+    tok = Tokenizer.from_json(state["tokenizer"], "ckpt") if state else Tokenizer.train(captions, args.vocab_size)
     model = VLM(Config(vocab_size=tok.vocab_size, n_vis=args.n_vis, dropout=args.dropout, pad_id=tok.pad_id,
                        bos_id=tok.bos_id, eos_id=tok.eos_id)).to(device)
     log(f"tokenizer: {tok.vocab_size} ids; model: {model.num_params():,} parameters, {args.n_vis} visual tokens")
@@ -177,8 +179,9 @@ def train(args):
             run.history["train"].append((run.step, loss_val))
             run.history["lr"].append((run.step, lr))
             dt, t0 = time.time() - t0, time.time()
+            eta = (stop_at - run.step) * dt * args.batch_size * world / seen
             log(f"epoch {epoch + 1}/{args.epochs} step {run.step}/{total} loss {loss_val:.4f} lr {lr:.2e} "
-                f"{seen / dt:.0f} img/s eta {(stop_at - run.step) * dt * args.batch_size * world / seen / 60:.1f} min")
+                f"{seen / dt:.0f} img/s eta {eta / 60:.1f} min")
             seen = 0
         if stop_requested(run.step, args.log_interval, world, device):
             return interrupted(run, rank, world, log)
@@ -266,15 +269,15 @@ def load_state(run, state):
 
 def plot_losses(path, history, size=(720, 420), box=(64, 40, 656, 376)):
     """Train loss (blue, every log interval) and validation loss (red dots) on a log scale, and the
-    learning rate (grey, its own scale up to its peak), against the step; drawn with Pillow."""
+    learning rate (grey, from 0 to its peak), against the step; drawn with Pillow."""
     img = Image.new("RGB", size, "white")
     d, (left, top, right, bottom) = ImageDraw.Draw(img), box
-    points = history["train"] + history["val"]
-    if len(points) >= 2:
-        last, lo, hi = max(x for x, _ in points), min(y for _, y in points), max(y for _, y in points)
-        lo, hi = math.log10(max(lo, 1e-6)), max(math.log10(max(hi, 1e-6)), math.log10(max(lo, 1e-6)) + 1e-3)
-        xy = lambda x, y: (left + x / last * (right - left), bottom - (math.log10(max(y, 1e-6)) - lo) / (hi - lo)
-                           * (bottom - top))
+    steps, losses = zip(*history["train"] + history["val"]) if history["train"] + history["val"] else ((), ())
+    if len(steps) >= 2:
+        last, lo = max(steps), math.log10(max(min(losses), 1e-6))
+        hi = max(math.log10(max(max(losses), 1e-6)), lo + 1e-3)
+        sx = lambda x: left + x / last * (right - left)  # noqa: E731
+        sy = lambda y: bottom - (math.log10(max(y, 1e-6)) - lo) / (hi - lo) * (bottom - top)  # noqa: E731
         for k in range(5):  # five ticks on each axis
             x, y = left + k / 4 * (right - left), bottom - k / 4 * (bottom - top)
             d.line([(x, bottom), (x, bottom + 4)], fill="black")
@@ -282,12 +285,12 @@ def plot_losses(path, history, size=(720, 420), box=(64, 40, 656, 376)):
             d.line([(left - 4, y), (left, y)], fill="black")
             d.text((6, y - 6), f"{10 ** (lo + k / 4 * (hi - lo)):.3g}", fill="black")
         peak = max([lr for _, lr in history["lr"]] + [1e-12])
-        d.line([(xy(x, 1)[0], bottom - lr / peak * (bottom - top)) for x, lr in history["lr"]], fill="silver", width=2)
+        d.line([(sx(x), bottom - lr / peak * (bottom - top)) for x, lr in history["lr"]], fill="silver", width=2)
         d.text((right + 6, top - 6), f"lr {peak:.0e}", fill="gray")
-        d.line([xy(x, y) for x, y in history["train"]], fill="blue", width=2)
-        d.line([xy(x, y) for x, y in history["val"]], fill="red")
-        for x, y in (xy(x, y) for x, y in history["val"]):
-            d.ellipse([x - 4, y - 4, x + 4, y + 4], fill="red")
+        d.line([(sx(x), sy(y)) for x, y in history["train"]], fill="blue", width=2)
+        d.line([(sx(x), sy(y)) for x, y in history["val"]], fill="red")
+        for x, y in history["val"]:
+            d.ellipse([sx(x) - 4, sy(y) - 4, sx(x) + 4, sy(y) + 4], fill="red")
     d.rectangle(box, outline="black")
     d.text((left, 12), "loss (log scale): train (blue), validation (red); learning rate (grey)", fill="black")
     d.text(((left + right) // 2 - 12, size[1] - 18), "step", fill="black")
@@ -303,15 +306,11 @@ def get_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_data_flags(p, default=None)
     p.add_argument("--out-dir", default="out")
-    shown = lambda k: " / ".join(f"{r[k]} ({d})" for d, r in RECIPES.items()) if k in RECIPES["shapes"] else SHARED[k]
-    for name, kind, what in (("epochs", int, ""), ("batch-size", int, "pairs per step, per process; "),
-                             ("lr", float, "peak learning rate (the card: 3e-4); "), ("min-lr", float, ""),
-                             ("warmup-steps", int, ""), ("weight-decay", float, ""), ("grad-clip", float, ""),
-                             ("seed", int, ""), ("vocab-size", int, ""), ("dropout", float, ""),
-                             ("n-vis", int, "visual tokens, a square: 16 is the card's 4x4 grid, 1 one pooled "
-                              "token (the ablation); "), ("log-interval", int, "steps; "),
-                             ("eval-interval", int, "steps; None is a tenth of the run; ")):
-        p.add_argument(f"--{name}", type=kind, help=f"{what}default: {shown(name.replace('-', '_'))}")
+    shown = {k: " / ".join(f"{r[k]} ({d})" for d, r in RECIPES.items()) for k in RECIPES["shapes"]} | SHARED
+    for name, kind in (("epochs", int), ("batch-size", int), ("lr", float), ("min-lr", float), ("seed", int),
+                       ("warmup-steps", int), ("weight-decay", float), ("grad-clip", float), ("dropout", float),
+                       ("vocab-size", int), ("n-vis", int), ("log-interval", int), ("eval-interval", int)):
+        p.add_argument(f"--{name}", type=kind, help=f"default: {shown[name.replace('-', '_')]}")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
@@ -377,43 +376,6 @@ def interrupted(run, rank, world, log):
     log(f"\ninterrupted at step {run.step}, saved {run.args.out_dir}/ckpt.pt; continue with:\n"
         f"  python train.py --resume --out-dir {run.args.out_dir}")
     return "interrupted"
-
-
-RUN_FILES = ("ckpt.pt", "best.pt", "loss.png", "model.safetensors", "config.json", "tokenizer.json", "eval.json")
-
-
-def check_out_dir(args, log):
-    """A run never silently replaces another. Returns the checkpoint to resume, or None."""
-    ckpt = os.path.join(args.out_dir, "ckpt.pt")
-    if args.resume:
-        if not os.path.isfile(ckpt):
-            raise UserError(f"{ckpt}: no checkpoint to resume (train without --resume first)")
-        state = load_torch(ckpt)
-        log(f"resuming {ckpt} at step {state['step']}")
-        return state
-    found = [n for n in RUN_FILES if os.path.exists(os.path.join(args.out_dir, n))]
-    if found and not args.overwrite:
-        held = load_torch(ckpt) if "ckpt.pt" in found else None
-        what = f"{held['settings']['data']}, step {held['step']}" if held else ", ".join(found)
-        raise UserError(f"{args.out_dir} already holds a run ({what}): continue it with --resume, "
-                        "choose another --out-dir, or replace it with --overwrite")
-    for name in found:  # --overwrite: the old run goes as a whole, so the folder never mixes two runs
-        os.remove(os.path.join(args.out_dir, name))
-    os.makedirs(args.out_dir, exist_ok=True)
-
-
-def adopt_settings(args, state, log):
-    """--resume: the checkpoint's settings, but for those given again. One that would make it another
-    run (FIXED) must match; the others change from here on, and the log says so."""
-    for key, saved in state["settings"].items():
-        given = getattr(args, key)
-        if key not in args.given or given == saved:
-            setattr(args, key, saved)
-        elif key in FIXED:
-            raise UserError(f"--{key.replace('_', '-')} {given}: {args.out_dir}/ckpt.pt was trained with "
-                            f"{saved}; drop the flag to resume it, or start a new run in another --out-dir")
-        else:
-            log(f"resuming with --{key.replace('_', '-')} {given} instead of {saved}")
 
 
 if __name__ == "__main__":
