@@ -94,7 +94,8 @@ def read_safetensors(path):
 # ----------------------------------------------------------------------------- checkpoints
 
 def load_torch(path):
-    """A torch.save file, safely (weights_only: tensors, numbers, strings, never code); failures are one line."""
+    """A torch.save file read safely (weights_only: tensors, numbers, strings, never code); a failure is
+    one line."""
     if not os.path.exists(path):
         raise UserError(f"{path}: no such checkpoint file or folder")
     with open(path, "rb") as f:
@@ -158,12 +159,13 @@ def read_checkpoint(path):
     if os.path.isdir(path):
         names = [n for n in ("model.safetensors", "model.pt") if os.path.isfile(os.path.join(path, n))]
         if not names:
-            raise UserError(f"{path}: no model.safetensors or model.pt (expected beside config.json, tokenizer.json)")
+            raise UserError(f"{path}: no model.safetensors or model.pt (beside config.json, tokenizer.json)")
         weights_file = os.path.join(path, names[0])
     ckpt = read_safetensors(weights_file) if weights_file.endswith(".safetensors") else load_torch(weights_file)
     if not isinstance(ckpt, dict):
         raise UserError(f"{weights_file}: not a SupraVL checkpoint (not a dict of weights)")
-    holder = next((k for k in ("model", "model_state_dict", "state_dict") if isinstance(ckpt.get(k), dict)), None)
+    holders = [k for k in ("model", "model_state_dict", "state_dict") if isinstance(ckpt.get(k), dict)]
+    holder = holders[0] if holders else None
     weights = ckpt[holder] if holder else ckpt  # the optimizer and scheduler state beside them: not needed
     if not weights or not all(isinstance(v, torch.Tensor) for v in weights.values()):
         raise UserError(f"{weights_file}: not a SupraVL checkpoint (no weights, nor model/state_dict of them)")
@@ -225,7 +227,8 @@ def load_model(path, device="cpu"):
 
 # ----------------------------------------------------------------------------- a run's folder
 
-RUN_FILES = ("ckpt.pt", "best.pt", "loss.png", "model.safetensors", "config.json", "tokenizer.json", "eval.json")
+RUN_FILES = ("ckpt.pt", "best.pt", "loss.png", "model.safetensors", "config.json", "tokenizer.json",
+             "eval.json")
 
 
 def check_out_dir(args, log):

@@ -12,7 +12,7 @@ and the published layout (model.safetensors, config.json, tokenizer.json: `sampl
 Left out on purpose: gradient accumulation, EMA weights, data augmentation, learning-rate finders.
 
 Run:
-    python train.py --data shapes                        # offline, a few minutes on a 2-core CPU
+    python train.py --data shapes                        # offline, about 4 minutes on a 2-core CPU
     python train.py --data shapes --n-vis 1              # the ablation: one pooled visual token, not 16
     python train.py                                      # Flickr8k on the best device (downloads it once)
     python train.py --resume                             # continue after Ctrl-C, kill -9 or --max-steps
@@ -127,10 +127,11 @@ def train(args):
     torch.manual_seed(args.seed)
     train_split, val_split = prepare_data(args, rank, world, log)
     captions = [c for caps in train_split.captions for c in caps]  # the tokenizer learns from these alone
-    tok = Tokenizer.from_json(state["tokenizer"], "ckpt") if state else Tokenizer.train(captions, args.vocab_size)
+    tok = Tokenizer.from_json(state["tokenizer"], ckpt) if state else Tokenizer.train(captions, args.vocab_size)
     model = VLM(Config(vocab_size=tok.vocab_size, n_vis=args.n_vis, dropout=args.dropout, pad_id=tok.pad_id,
                        bos_id=tok.bos_id, eos_id=tok.eos_id)).to(device)
-    log(f"tokenizer: {tok.vocab_size} ids; model: {model.num_params():,} parameters, {args.n_vis} visual tokens")
+    log(f"tokenizer: {tok.vocab_size} ids; model: {model.num_params():,} parameters, {args.n_vis} visual "
+        "tokens")
     run = Run(args, model, tok, make_optimizer(model, args),
               torch.amp.GradScaler(device.split(":")[0], enabled=dtype == torch.float16))
     if state:
@@ -285,7 +286,8 @@ def plot_losses(path, history, size=(720, 420), box=(64, 40, 656, 376)):
             d.line([(left - 4, y), (left, y)], fill="black")
             d.text((6, y - 6), f"{10 ** (lo + k / 4 * (hi - lo)):.3g}", fill="black")
         peak = max([lr for _, lr in history["lr"]] + [1e-12])
-        d.line([(sx(x), bottom - lr / peak * (bottom - top)) for x, lr in history["lr"]], fill="silver", width=2)
+        lr_line = [(sx(x), bottom - lr / peak * (bottom - top)) for x, lr in history["lr"]]
+        d.line(lr_line, fill="silver", width=2)
         d.text((right + 6, top - 6), f"lr {peak:.0e}", fill="gray")
         d.line([(sx(x), sy(y)) for x, y in history["train"]], fill="blue", width=2)
         d.line([(sx(x), sy(y)) for x, y in history["val"]], fill="red")
@@ -332,14 +334,15 @@ def check_args(a):
     check_flags(a, [
         ("--epochs", a.epochs >= 1, "at least 1"), ("--batch-size", a.batch_size >= 1, "at least 1"),
         ("--lr", a.lr > 0, "above 0"), ("--min-lr", 0 <= a.min_lr <= a.lr, f"between 0 and --lr {a.lr}"),
-        ("--warmup-steps", a.warmup_steps >= 0, "0 or more"), ("--weight-decay", a.weight_decay >= 0, "0 or more"),
+        ("--warmup-steps", a.warmup_steps >= 0, "0 or more"),
+        ("--weight-decay", a.weight_decay >= 0, "0 or more"),
         ("--grad-clip", a.grad_clip > 0, "above 0"), ("--seed", a.seed >= 0, "0 or more"),
         ("--vocab-size", 259 <= a.vocab_size <= 65536, "259 (3 specials + 256 bytes) to 65536"),
-        ("--n-vis", 1 <= a.n_vis <= 196 and grid * grid == a.n_vis, "a square from 1 to 196 (1, 4, 9, 16, ...)"),
+        ("--n-vis", 1 <= a.n_vis <= 196 and grid * grid == a.n_vis, "a square, 1 to 196 (1, 4, 9, 16...)"),
         ("--dropout", 0 <= a.dropout < 1, "in [0, 1)"), ("--log-interval", a.log_interval >= 1, "at least 1"),
         ("--eval-interval", a.eval_interval is None or a.eval_interval >= 1, "at least 1"),
         ("--max-steps", a.max_steps is None or a.max_steps >= 1, "at least 1"),
-        ("--resume", not (a.resume and a.overwrite), "given without --overwrite (continue a run, or replace it)"),
+        ("--resume", not (a.resume and a.overwrite), "given without --overwrite (continue, or replace)"),
         ("--out-dir", not os.path.isfile(a.out_dir), "a folder, not a file")])
 
 
