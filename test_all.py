@@ -499,7 +499,8 @@ def test_we_load_the_other_forms_huggingface_tokenizers_writes(form):
 
 def huggingface_forms(tokenizers, texts, vocab_size):
     """(name, hf) for each form we read, trained by `tokenizers` on texts right now."""
-    from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+    decoders, models, pre_tokenizers = tokenizers.decoders, tokenizers.models, tokenizers.pre_tokenizers
+    processors, trainers = tokenizers.processors, tokenizers.trainers
     for prefix, regex, alphabet in [(p, r, a) for p in (False, True) for r in (True, False) for a in (True, False)]:
         hf = tokenizers.Tokenizer(models.BPE())
         hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=prefix, use_regex=regex, trim_offsets=alphabet)
