@@ -7,19 +7,16 @@ bench.py: every speed figure the project claims, each beside a baseline measured
     training    a batch-64 step in fp32 and bf16 autocast, as a share of the machine's matmul peak
     data        a batch gathered from the uint8 arrays vs a step; decoding real Flickr8k JPEGs
     sampling    whole-process time to the first caption; beam-search captions/s
-    --recipes   the shapes run end to end, today's recipe beside the one before it
 
 Left out: GPU figures (train.py prints img/s wherever it runs). Figures that need ../shared/flickr8k
 are skipped when it is absent.
 
-    python bench.py            # about a minute on 2 cores
-    python bench.py --quick    # fewer repeats and smaller sizes
-    python bench.py --recipes  # + two full shapes runs, side by side (about 10 minutes on 2 cores)
+    python bench.py            # 24 s on the 2-core development machine
+    python bench.py --quick    # fewer repeats and smaller sizes: 11 s
 """
 import argparse
 import os
 import platform
-import re
 import subprocess
 import sys
 import tempfile
@@ -220,45 +217,14 @@ def bench_sampling(quick):
         row(f"beam-3 captions of {len(images)} images (untrained model)", f"{len(images) / t:.0f} captions/s")
 
 
-# -----------------------------------------------------------------------------
-# The shapes run end to end: the recipe of today beside the one before it (README: "the laptop path")
-
-BEFORE = ["--batch-size", "64", "--epochs", "6", "--lr", "2e-3", "--warmup-steps",
-          "100", "--eval-interval", "500"]
-
-
-def bench_recipes():
-    with tempfile.TemporaryDirectory() as tmp:
-        results = {}
-        for name, flags in (("today's recipe", []), ("the recipe before", BEFORE)):
-            out = os.path.join(tmp, name.replace(" ", "_").replace("'", ""))
-            train_cmd = [sys.executable, "train.py", "--data", "shapes", "--data-dir",
-                         os.path.join(tmp, "shapes"), "--out-dir", out, *flags]
-            subprocess.run(train_cmd[:5] + ["--max-steps", "1", "--out-dir", out + "_warm"], cwd=HERE,
-                           check=True, capture_output=True)  # generates the data set once, outside the timing
-            t0 = time.perf_counter()
-            subprocess.run(train_cmd, cwd=HERE, check=True, capture_output=True)
-            seconds = time.perf_counter() - t0
-            ev = subprocess.run([sys.executable, "sample.py", "--ckpt", out, "--eval", "test", "--data",
-                                 "shapes", "--data-dir", os.path.join(tmp, "shapes")], cwd=HERE,
-                                check=True, capture_output=True, text=True).stdout
-            exact = float(re.search(r"exact match ([0-9.]+)", ev)[1])
-            results[name] = seconds
-            row(f"python train.py --data shapes, {name}",
-                f"{seconds / 60:.1f} min, {exact:.1%} exact match on test")
-        ratio = results["the recipe before"] / results["today's recipe"]
-        row("shapes run, the recipe before / today's", f"{ratio:.2f}x")
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="fewer repeats and smaller sizes")
-    p.add_argument("--recipes", action="store_true", help="also time two full shapes runs (minutes)")
     args = p.parse_args()
     t0 = time.time()
     common.keep_freed_memory()  # as train.py does on the CPU
     parts = [bench_tokenizer, bench_generation, bench_training, bench_preparation, bench_sampling]
-    for part in parts + ([lambda quick: bench_recipes()] if args.recipes else []):
+    for part in parts:
         part(args.quick)
     with open("/proc/cpuinfo") if os.path.exists("/proc/cpuinfo") else open(os.devnull) as f:
         names = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]

@@ -125,7 +125,7 @@ def pick_dtype(name, device):
         return torch.float16, f"sm_{major}{minor} has no bf16 tensor cores, so fp16 with a GradScaler"
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private, so looked up with care
     if device == "cpu" and any(getattr(torch.cpu, f, lambda: False)() for f in checks):
-        return torch.bfloat16, "the CPU has native bf16 instructions, faster than fp32 (bench.py)"
+        return torch.bfloat16, "the CPU has native bf16 instructions: faster than fp32, bench.py"
     return torch.float32, "no fast low precision on this device"
 
 
