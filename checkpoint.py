@@ -114,7 +114,8 @@ def save_torch(path, obj):
 
 
 # The published config.json: nine keys, the Config fields they hold. The token ids are optional there:
-# (our key, the Hugging Face key, the tokenizer's token, the seed code's default) for each.
+# for each, (our key, the Hugging Face key, the seed code's default); read_config_json asks the tokenizer
+# before the default.
 CONFIG_KEYS = {"D_MODEL": "d_model", "N_HEADS": "n_heads", "N_LAYERS": "n_layers", "D_FF": "d_ff",
                "VIS_CH": "vis_ch", "N_VIS": "n_vis", "VOCAB_SIZE": "vocab_size", "MAX_SEQ": "max_seq",
                "IMG_SIZE": "img_size"}
@@ -164,9 +165,8 @@ def read_checkpoint(path):
     ckpt = read_safetensors(weights_file) if weights_file.endswith(".safetensors") else load_torch(weights_file)
     if not isinstance(ckpt, dict):
         raise UserError(f"{weights_file}: not a SupraVL checkpoint (not a dict of weights)")
-    holders = [k for k in ("model", "model_state_dict", "state_dict") if isinstance(ckpt.get(k), dict)]
-    holder = holders[0] if holders else None
-    weights = ckpt[holder] if holder else ckpt  # the optimizer and scheduler state beside them: not needed
+    held = [ckpt[k] for k in ("model", "model_state_dict", "state_dict") if isinstance(ckpt.get(k), dict)]
+    weights = held[0] if held else ckpt  # the optimizer and scheduler state beside them: not needed
     if not weights or not all(isinstance(v, torch.Tensor) for v in weights.values()):
         raise UserError(f"{weights_file}: not a SupraVL checkpoint (no weights, nor model/state_dict of them)")
     if isinstance(ckpt.get("tokenizer"), str) and isinstance(ckpt.get("config"), dict):

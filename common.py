@@ -77,7 +77,7 @@ def progress(text, end=False):
         _progress.update(open=not end, shown=time.time())
 
 
-# ----------------------------------------------------------------------------- devices and flags
+# ----------------------------------------------------------------------------- devices, precision, processes
 
 def device_problem(name):
     """None when a tensor can be made on device `name`, else why not, in a few words."""
@@ -186,6 +186,8 @@ def stop_requested(step, every, world, device):
     dist.all_reduce(flag)
     return flag.item() > 0
 
+
+# ----------------------------------------------------------------------------- flags
 
 def add_data_flags(parser, default):
     """--data, --data-dir, --prep-dir: the same three flags in data.py, train.py and sample.py."""

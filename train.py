@@ -163,7 +163,8 @@ def train(args):
         lr = lr_at(run.step, total, args)
         for g in run.opt.param_groups:
             g["lr"] = lr
-        torch.manual_seed(args.seed + run.step * world + rank)  # dropout masks: a function of (step, rank)
+        if args.dropout:  # its masks: a function of (step, rank), so ranks differ and resume needs no RNG
+            torch.manual_seed(args.seed + run.step * world + rank)
         x, ids, targets = get_batch(order[i], longest[i], tokens, image_of, images)
         with autocast():
             _, loss = fast(x, ids, targets)
@@ -232,7 +233,8 @@ def validate(run, val, names, autocast, log):
     log(f"step {run.step}: val loss {loss:.4f}")
     run.model.eval()
     with torch.no_grad(), autocast():
-        seqs = run.model.generate_greedy(data.normalize(val[3][:3]), run.model.config.max_seq)
+        first3 = val[3][:3]  # (3, 112, 112, 3) uint8: val is (tokens, image_of, lengths, images)
+        seqs = run.model.generate_greedy(data.normalize(first3), run.model.config.max_seq)
     run.model.train()
     for name, ids in zip(names, seqs):
         log(f"   {name}: {run.tok.decode(ids)}")
