@@ -1,13 +1,6 @@
 """
 bench.py: every speed figure the project claims, each beside a baseline measured in the same run.
 
-    tokenizer   the incremental BPE trainer vs bpe.py's plain one; BPE vs whole words on Flickr8k
-    generation  cached, batched decoding vs the plain loops (the whole sequence again for every token,
-                one image and one beam at a time, as the card's code does), same weights
-    training    a batch-64 step in fp32 and bf16 autocast, as a share of the machine's matmul peak
-    data        a batch gathered from the uint8 arrays vs a step; decoding real Flickr8k JPEGs
-    sampling    whole-process time to the first caption; beam-search captions/s
-
 Left out: GPU figures (train.py prints img/s wherever it runs). Figures that need ../shared/flickr8k
 are skipped when it is absent.
 
@@ -21,9 +14,9 @@ import subprocess
 import sys
 import tempfile
 import time
+import timeit
 from collections import Counter
 
-import numpy as np
 import torch
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
@@ -38,7 +31,7 @@ from model import VLM, Config
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SHARED = os.path.join(HERE, "..", "shared", "flickr8k")
-ROWS = []  # (what, ours, baseline, ratio)
+ROWS = [("measurement", "ours", "baseline", "ratio")]  # the table's header, then a row per figure
 
 
 def row(what, ours, baseline="", ratio=""):
@@ -47,35 +40,22 @@ def row(what, ours, baseline="", ratio=""):
 
 
 def best_time(fn, repeats):
-    """Best wall time of `repeats` calls: the least disturbed by other work on the machine."""
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
-
-
-def flickr_captions():
-    for folder in (SHARED, os.path.join(HERE, "data", "flickr8k")):
-        path = os.path.join(folder, "Flickr8k.token.txt")
-        if os.path.exists(path):
-            return data.parse_tokens(path)[0], folder
-    return None, None
+    """Best wall time of `repeats` calls, the least disturbed by other work; gc on, as in real use."""
+    return min(timeit.repeat(fn, "gc.enable()", number=1, repeat=repeats))
 
 
 def bench_tokenizer(quick):
-    captions, folder = flickr_captions()
-    if captions is None:
+    folder = next((f for f in (SHARED, os.path.join(HERE, "data", "flickr8k"))
+                   if os.path.exists(os.path.join(f, data.TOKEN_FILE))), None)
+    if folder is None:
         return row("BPE", "skipped: no Flickr8k.token.txt in ../shared/flickr8k or data/flickr8k")
+    captions = data.parse_tokens(os.path.join(folder, data.TOKEN_FILE))[0]
     caps = [c for cs in captions.values() for c in cs]
     t_train = best_time(lambda: bpe.Tokenizer.train(caps, 2048), 2 if quick else 5)
     tok = bpe.Tokenizer.train(caps, 2048)
     row(f"BPE train, 2048 vocab, {len(caps):,} captions", f"{t_train:.2f} s")
-    def encode_all():
-        fresh = bpe.Tokenizer.from_json(tok.to_json())  # an empty per-word cache each time
-        return [fresh.encode(c) for c in caps]
-    t_enc = best_time(encode_all, 2 if quick else 5)
+    fresh = lambda: bpe.Tokenizer.from_json(tok.to_json())  # an empty per-word cache each pass
+    t_enc = best_time(lambda: list(map(fresh().encode, caps)), 2 if quick else 5)
     row(f"BPE encode all {len(caps):,} captions (empty cache)", f"{t_enc:.2f} s")
     n, merges = (1000, 100) if quick else (4000, 300)
     t_plain = best_time(lambda: bpe.train_simple(caps[:n], 259 + merges), 1)
@@ -86,8 +66,7 @@ def bench_tokenizer(quick):
 
 
 def bpe_vs_words(folder, captions):
-    """The card's 'BPE tokenizer' decision: a 2048-entry vocabulary of whole words vs 2048 BPE tokens,
-    trained on the training captions, counted on the test captions."""
+    """The card's choice of BPE: 2048 BPE tokens vs 2048 whole words, from train captions, on test ones."""
     split = lambda name: [c for n in open(os.path.join(folder, data.SPLIT_LISTS[name])).read().split()
                           for c in captions.get(n, [])]
     train_caps, test_caps = split("train"), split("test")
@@ -101,9 +80,6 @@ def bpe_vs_words(folder, captions):
         f"2048 whole words: {unknown:.1%} unknown, {len(test_words) / len(test_caps):.1f} tokens/caption")
 
 
-# -----------------------------------------------------------------------------
-# Generation: the plain loops against the cached, batched ones
-
 @torch.no_grad()
 def card_beam(model, image, width, max_new):
     """The card's beam search: one image, one beam at a time, the whole sequence every step."""
@@ -111,14 +87,14 @@ def card_beam(model, image, width, max_new):
     for _ in range(max_new):
         cands = []
         for ids, score in beams:
-            logp = model(image[None], torch.tensor([ids]))[0][0, -1].log_softmax(-1)
-            top = logp.topk(width)
-            cands += [(ids + [int(i)], score + float(v)) for v, i in zip(top.values, top.indices)]
+            top = model(image[None], torch.tensor([ids]))[0][0, -1].log_softmax(-1).topk(width)
+            cands += [(ids + [int(i)], score + float(v)) for v, i in zip(*top)]
         beams = sorted(cands, key=lambda c: -c[1])[:width]
     return beams[0][0][1:]
 
 
 def bench_generation(quick):
+    """Cached, batched decoding vs the card's plain loops, same weights."""
     torch.manual_seed(0)
     model = VLM(Config(eos_id=-1)).eval()  # eos_id -1 is never produced: all 48 tokens, the worst case
     n = 4 if quick else 16
@@ -127,25 +103,17 @@ def bench_generation(quick):
             ("greedy", lambda im: model.generate_plain(im[None], 48),
              lambda: model.generate_greedy(images, 48)),
             ("beam-3", lambda im: card_beam(model, im, 3, 48), lambda: model.generate_beam(images, 3, 48))):
-        t_plain = best_time(lambda: [plain(im) for im in images[: max(1, n // 4)]], 1) / max(1, n // 4)
+        t_plain = best_time(lambda: [plain(im) for im in images[:n // 4]], 1) / (n // 4)
         t_ours = best_time(ours, 1 if quick else 3) / n
         row(f"generate {name}, 48 tokens, {n} images, per image", f"{t_ours * 1000:.1f} ms",
             f"plain loop {t_plain * 1000:.0f} ms", f"{t_plain / t_ours:.0f}x")
 
 
-# -----------------------------------------------------------------------------
-# Training step and data path
-
-def matmul_peak():
-    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
-    a @ b
-    return 2 * 1024 ** 3 / best_time(lambda: a @ b, 10)
-
-
 def bench_training(quick):
-    """A training step as train.py runs it on the CPU (common.precision: autocast, and SDPA's math kernel),
-    beside bf16 with torch's default attention kernel (flash)."""
-    peak = matmul_peak()
+    """Training steps as train.py runs them on the CPU (common.precision), beside SDPA's default kernel;
+    then a batch gathered from the uint8 arrays, against a bf16 step."""
+    a = torch.randn(1024, 1024)
+    peak = 2 * 1024 ** 3 / best_time(lambda: a @ a, 10)
     row("fp32 matmul 1024^3 (the machine's peak)", f"{peak / 1e9:.0f} GFLOP/s")
     contexts = {"fp32": lambda: common.precision("cpu", torch.float32),
                 "bf16": lambda: common.precision("cpu", torch.bfloat16),
@@ -155,18 +123,16 @@ def bench_training(quick):
         model = VLM(Config())
         opt = train.make_optimizer(model, argparse.Namespace(lr=3e-4, weight_decay=0.01))
         x, ids = torch.randn(64, 3, 112, 112), torch.randint(3, 2048, (64, T))
-
         def step(context):
             with context():
                 loss = model(x, ids, ids)[1]
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-
         with FlopCounterMode(display=False) as fc:
             step(contexts["fp32"])
-        times = {}
         flops = fc.get_total_flops()
+        times = {}
         for label, context in contexts.items():
             step(context)
             t = times[label] = best_time(lambda: step(context), 3 if quick else 8)
@@ -176,9 +142,8 @@ def bench_training(quick):
     tokens, image_of = torch.randint(0, 2048, (30000, 49)), torch.arange(30000) // 5
     rows = torch.randperm(30000)[:64]
     t_batch = best_time(lambda: train.get_batch(rows, 28, tokens, image_of, images), 20)
-    t = times["bf16"]
-    row("batch of 64 gathered + normalised", f"{1 / t_batch:.0f} batch/s", f"bf16 train step {t:.3f} s",
-        f"{t / t_batch:.0f}x headroom")
+    row("batch of 64 gathered + normalised", f"{1 / t_batch:.0f} batch/s",
+        f"bf16 train step {times['bf16']:.3f} s", f"{times['bf16'] / t_batch:.0f}x headroom")
 
 
 def bench_preparation(quick):
@@ -186,18 +151,14 @@ def bench_preparation(quick):
     if not os.path.isdir(src):
         return row("image preparation", "skipped: ../shared/flickr8k/images128 is absent")
     paths = sorted(os.path.join(src, f) for f in os.listdir(src))[: 100 if quick else 434]
-    t = best_time(lambda: data.decode_images(paths, 112), 1)
-    row(f"prepare {len(paths)} real 128px JPEGs -> 112px, {os.cpu_count()} cores",
-        f"{len(paths) / t:.0f} img/s",
-        f"8091 images: {8091 * t / len(paths):.0f} s")
-    with tempfile.TemporaryDirectory() as tmp:  # full-size photos, like the 500x375 originals
-        big = []
-        for p in paths[:60]:
-            big.append(os.path.join(tmp, os.path.basename(p)))
-            Image.open(p).resize((500, 375), Image.BICUBIC).save(big[-1], quality=90)
-        t = best_time(lambda: data.decode_images(big, 112), 1)
-        row(f"prepare {len(big)} 500x375 JPEGs -> 112px", f"{len(big) / t:.0f} img/s",
-            f"8091 images: {8091 * t / len(big):.0f} s")
+    with tempfile.TemporaryDirectory() as tmp:  # full-size photos too, like the 500x375 originals
+        big = [os.path.join(tmp, os.path.basename(p)) for p in paths[:60]]
+        for p, q in zip(paths, big):
+            Image.open(p).resize((500, 375), Image.BICUBIC).save(q, quality=90)
+        for what, ps in ((f"{len(paths)} real 128px JPEGs -> 112px, {os.cpu_count()} cores", paths),
+                         (f"{len(big)} 500x375 JPEGs -> 112px", big)):
+            t = best_time(lambda: data.decode_images(ps, 112), 1)
+            row(f"prepare {what}", f"{len(ps) / t:.0f} img/s", f"8091 images: {8091 * t / len(ps):.0f} s")
 
 
 def bench_sampling(quick):
@@ -207,12 +168,11 @@ def bench_sampling(quick):
         model = VLM(Config(vocab_size=tok.vocab_size))
         checkpoint.save_pretrained(tmp, model, tok)
         img = os.path.join(tmp, "x.png")
-        Image.fromarray(np.zeros((112, 112, 3), np.uint8)).save(img)
-        t0 = time.perf_counter()
-        subprocess.run([sys.executable, "sample.py", "--ckpt", tmp, "--img", img, "--device", "cpu"],
-                       check=True, capture_output=True, cwd=HERE)
-        row("python sample.py --img x.png, whole process (CPU)", f"{time.perf_counter() - t0:.2f} s")
-        images = np.random.randint(0, 256, (256 if quick else 1000, 112, 112, 3), np.uint8)
+        Image.new("RGB", (112, 112)).save(img)
+        cmd = [sys.executable, "sample.py", "--ckpt", tmp, "--img", img, "--device", "cpu"]
+        t = best_time(lambda: subprocess.run(cmd, check=True, capture_output=True, cwd=HERE), 1)
+        row("python sample.py --img x.png, whole process (CPU)", f"{t:.2f} s")
+        images = torch.randint(0, 256, (256 if quick else 1000, 112, 112, 3), dtype=torch.uint8)
         t = best_time(lambda: scores.caption(model.eval(), tok, images, strategy="beam"), 1)
         row(f"beam-3 captions of {len(images)} images (untrained model)", f"{len(images) / t:.0f} captions/s")
 
@@ -223,15 +183,15 @@ def main():
     args = p.parse_args()
     t0 = time.time()
     common.keep_freed_memory()  # as train.py does on the CPU
-    parts = [bench_tokenizer, bench_generation, bench_training, bench_preparation, bench_sampling]
-    for part in parts:
+    for part in (bench_tokenizer, bench_generation, bench_training, bench_preparation, bench_sampling):
         part(args.quick)
     with open("/proc/cpuinfo") if os.path.exists("/proc/cpuinfo") else open(os.devnull) as f:
         names = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
     print(f"\nmachine: {names[0] if names else platform.machine()}, {os.cpu_count()} cores, torch "
           f"{torch.__version__} ({torch.get_num_threads()} threads), python {platform.python_version()}")
-    w = [max(len(r[i]) for r in ROWS + [("measurement", "ours", "baseline", "ratio")]) for i in range(4)]
-    for r in [("measurement", "ours", "baseline", "ratio"), tuple("-" * k for k in w)] + ROWS:
+    w = [max(len(r[i]) for r in ROWS) for i in range(4)]
+    ROWS.insert(1, tuple("-" * k for k in w))
+    for r in ROWS:
         print("  ".join(s.ljust(k) for s, k in zip(r, w)))
     print(f"bench took {time.time() - t0:.0f} s")
 
