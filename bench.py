@@ -110,7 +110,7 @@ def bench_generation(quick):
 
 
 def bench_training(quick):
-    """Steps as train.py runs them on the CPU (common.precision) vs SDPA's default kernel; then a batch gather."""
+    """Steps as train.py runs them on the CPU (common.precision) vs SDPA's default kernel; a batch gather."""
     a = torch.randn(1024, 1024)
     peak = 2 * 1024 ** 3 / best_time(lambda: a @ a, 10)
     row("fp32 matmul 1024^3 (the machine's peak)", f"{peak / 1e9:.0f} GFLOP/s")
