@@ -26,10 +26,9 @@ from collections import Counter, defaultdict
 # -----------------------------------------------------------------------------
 # Splitting text into words. GPT-2's pattern (the one `tokenizers` ByteLevel uses) is
 #   's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+
-# `re` has no \p{..} classes, so a letter is [^\W\d_] (a word character that is neither a digit
-# nor "_"), a number is \d, and "other" is [^\s\w] or "_". `tokenizers` (Rust) splits rare text otherwise,
-# never Flickr8k's: Python's \w takes ², ½, Ⅻ (numbers in GPT-2, letters here) but not combining marks
-# or U+200D, and its \s takes the ASCII separators \x1c-\x1f.
+# `re` has no \p{..}: a letter is [^\W\d_] (a word character, not a digit or "_"), a number \d, "other"
+# [^\s\w] or "_". Rust's classes split rare text otherwise (never Flickr8k's): Python's \w takes ², ½, Ⅻ
+# (numbers in GPT-2) but not combining marks or U+200D, and its \s takes the separators \x1c-\x1f.
 # A merge never crosses a word boundary, so " dog" can become one token but "dog." cannot.
 SPLIT = re.compile(r"""'s|'t|'re|'ve|'m|'ll|'d| ?[^\W\d_]+| ?\d+| ?(?:[^\s\w]|_)+|\s+(?!\S)|\s+""")
 
@@ -172,8 +171,7 @@ class Tokenizer:
 
     def __init__(self, vocab, merges, specials, source, unk_id, split, byte_level, prefix_space, suffix,
                  fuse_unk, decoder_suffix):
-        """vocab: {id: token string} of the ordinary tokens; merges: [(id_a, id_b), ...] in rank order;
-        specials: {"<pad>": id, ...}; source: the tokenizer.json text; the rest as form_of says."""
+        """vocab {id: token string} of the ordinary tokens, merges [(id_a, id_b), ...] by rank: see from_json."""
         self.vocab, self.merges, self.source, self.unk_id = vocab, merges, source, unk_id
         self.split, self.byte_level, self.prefix_space, self.suffix = split, byte_level, prefix_space, suffix
         self.fuse_unk, self.decoder_suffix = fuse_unk, decoder_suffix
@@ -295,7 +293,7 @@ def form_of(d, check):
     check(m.get("type", "BPE") == "BPE", f"model type {m.get('type')!r} is not supported, only BPE")
     for key in ("dropout", "continuing_subword_prefix", "byte_fallback", "ignore_merges"):
         check(not m.get(key), f"model.{key}={m.get(key)!r} is not supported")
-    check(kind.get("normalizer") is None, f"normalizer {kind['normalizer']!r} is not supported")
+    check(kind.get("normalizer") is None, f"normalizer {kind.get('normalizer')!r} is not supported")
     check(post in (None, "ByteLevel"), f"post_processor {post!r} is not supported")
     splits = {"ByteLevel": SPLIT.findall, "Whitespace": re.compile(r"\w+|[^\w\s]+").findall,
               "WhitespaceSplit": str.split}
