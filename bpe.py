@@ -167,11 +167,11 @@ def tokenizer_json(vocab, merges):
 
 # -----------------------------------------------------------------------------
 class Tokenizer:
-    """A BPE tokenizer as its tokenizer.json says: train() writes one (GPT-2's form), from_json() reads one."""
+    """A BPE tokenizer as its tokenizer.json says: train() writes one (GPT-2's form), from_json() reads it."""
 
     def __init__(self, vocab, merges, specials, source, unk_id, split, byte_level, prefix_space, suffix,
                  fuse_unk, decoder_suffix):
-        """vocab {id: token string} of the ordinary tokens, merges [(id_a, id_b), ...] by rank: see from_json."""
+        """vocab {id: token string} of the ordinary tokens, merges [(id_a, id_b), ...] by rank."""
         self.vocab, self.merges, self.source, self.unk_id = vocab, merges, source, unk_id
         self.split, self.byte_level, self.prefix_space, self.suffix = split, byte_level, prefix_space, suffix
         self.fuse_unk, self.decoder_suffix = fuse_unk, decoder_suffix
@@ -189,12 +189,11 @@ class Tokenizer:
         return cls.from_json(tokenizer_json(*train_fast(texts, vocab_size)))
 
     def encode_word(self, word):
-        """The ids of the word's characters (the last with end_of_word_suffix, if any; byte-level: of
-        its bytes as GPT-2's characters), then merges applied lowest rank first, as GPT-2 does."""
+        """The ids of the word's characters (byte-level: its bytes'), then merges, lowest rank first."""
         if self.byte_level:  # 'surrogatepass': any str encodes, even "\ud800" (it decodes as U+FFFD)
             word = "".join([BYTE_TO_CHAR[b] for b in word.encode("utf-8", "surrogatepass")])
         ids = []
-        for c in [*word[:-1], word[-1:] + self.suffix]:
+        for c in [*word[:-1], word[-1:] + self.suffix]:  # the last character carries end_of_word_suffix
             i = self.ids_of.get(c, self.unk_id)  # unseen in training: the unk token (one per run if fused)
             if i is not None and not (self.fuse_unk and i == self.unk_id and ids[-1:] == [i]):
                 ids.append(i)
@@ -284,10 +283,9 @@ class Tokenizer:
 
 
 def form_of(d, check):
-    """Tokenizer's keyword arguments for how tokenizer.json d splits and joins text; else check fails.
-    ByteLevel may add_prefix_space, or not use_regex (the text is one word). The quick tour's BPE splits
-    at Whitespace or WhitespaceSplit, may fuse_unk and have an end_of_word_suffix, and joins pieces
-    with spaces ("a dog run s"), or with a BPEDecoder whose suffix ends a word."""
+    """Tokenizer's arguments for how tokenizer.json d splits and joins text, else check fails: ByteLevel
+    (add_prefix_space; no use_regex: the text is one word), or the quick tour's Whitespace(Split) BPE
+    (fuse_unk, end_of_word_suffix), its pieces joined by spaces ("a dog run s") or a BPEDecoder."""
     kind = {key: v.get("type") if isinstance(v, dict) else v for key, v in d.items()}  # "ByteLevel", None
     m, pre, dec, post = d["model"], kind.get("pre_tokenizer"), kind.get("decoder"), kind.get("post_processor")
     check(m.get("type", "BPE") == "BPE", f"model type {m.get('type')!r} is not supported, only BPE")
