@@ -157,8 +157,7 @@ def _random_obj(rng):
 
 
 def random_scene(rng):
-    """One object anywhere, or two placed so that 'left of' or 'above' holds with a clear margin:
-    the gap along the main axis is >= GAP and the offset across it at most half the offset along it."""
+    """One object, or two in a clear relation: gap >= GAP along its axis, offset across <= half that along."""
     a = _random_obj(rng)
     if rng.random() < 0.5:
         a.x, a.y = (float(rng.uniform(a.r + 3, 109 - a.r)) for _ in range(2))
@@ -346,7 +345,7 @@ def prepare_flickr8k(data_dir, size=112, base_url=DEFAULT_BASE_URL, log=print, p
 # ----------------------------------------------------------------------------- one entry point
 def prepare(data, data_dir=None, size=112, base_url=DEFAULT_BASE_URL, log=print, prep_dir=None):
     """Makes sure the three splits of `data` are prepared in prep_dir (default: data_dir) and returns it,
-    for load_split. A second call only checks them; a split that fails to load is made again."""
+    for load_split. A second call only checks them; if any fails to load, all three are made again."""
     if data not in ("flickr8k", "shapes"):
         raise UserError(f"unknown dataset {data!r} (use flickr8k or shapes)")
     data_dir = data_dir or os.path.join("data", data)
