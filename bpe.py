@@ -3,9 +3,9 @@ bpe.py - a byte-level byte-pair-encoding tokenizer (GPT-2 style), written out by
 
 Text is cut into words with a GPT-2-like regex, each word becomes its UTF-8 bytes, and training learns
 merges of adjacent tokens, most frequent pair first: plainly, then fast (the same merges). Any text
-encodes (no "unknown" token) and decodes back to itself. We save Hugging Face tokenizer.json files and
-load the two BPE forms `tokenizers` writes, with its ids and decoded text: ByteLevel (GPT-2's), and
-its quick tour's character-level BPE (Whitespace or WhitespaceSplit pre-tokenizer, an [UNK] token).
+encodes (no "unknown" token) and decodes back to itself. A tokenizer is a Hugging Face tokenizer.json:
+training writes GPT-2's, and we read the BPE forms `tokenizers` writes (form_of), with its ids and
+decoded text: ByteLevel, and its quick tour's character-level BPE (Whitespace words, an [UNK] token).
 
 Left out: normalizers, dropout, WordPiece/Unigram models (such files raise a one-line ValueError),
 and added tokens matched inside text (encode never produces special ids; decode drops them).
@@ -26,25 +26,19 @@ from collections import Counter, defaultdict
 # -----------------------------------------------------------------------------
 # Splitting text into words. GPT-2's pattern (the one `tokenizers` ByteLevel uses) is
 #   's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+
-# `re` has no \p{..} classes, so a letter is [^\W\d_] (a word character that is neither a digit
-# nor "_"), a number is \d, and "other" is [^\s\w] or "_". Where this differs from GPT-2:
-# numerals that are not decimal digits (², ½, Ⅻ) count as letters here, and \s also matches the
-# ASCII separators \x1c-\x1f. On ordinary text (all of Flickr8k) the two split identically.
+# `re` has no \p{..}: a letter is [^\W\d_] (a word character, not a digit or "_"), a number \d, "other"
+# [^\s\w] or "_". Rust's classes split rare text otherwise (never Flickr8k's): Python's \w takes ², ½, Ⅻ
+# (numbers in GPT-2) but not combining marks or U+200D, and its \s takes the separators \x1c-\x1f.
 # A merge never crosses a word boundary, so " dog" can become one token but "dog." cannot.
 SPLIT = re.compile(r"""'s|'t|'re|'ve|'m|'ll|'d| ?[^\W\d_]+| ?\d+| ?(?:[^\s\w]|_)+|\s+(?!\S)|\s+""")
 
 SPECIALS = ("<pad>", "<bos>", "<eos>")  # ids 0, 1, 2; then the 256 bytes (3..258); then merges
 
-
-def bytes_to_unicode():
-    """GPT-2's map from each byte to a printable character, used for the strings in tokenizer.json.
-    Printable bytes map to themselves; the rest are shifted above 255: b' ' -> 'Ġ', b'\\n' -> 'Ċ'."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    shifted = [b for b in range(256) if b not in keep]
-    return {b: chr(b) if b in keep else chr(256 + shifted.index(b)) for b in range(256)}
-
-
-BYTE_TO_CHAR = bytes_to_unicode()
+# GPT-2's map from each byte to a printable character, for the token strings in tokenizer.json:
+# printable bytes stay themselves, the others move above 255 (b" " -> "Ġ", b"\n" -> "Ċ").
+PRINTABLE = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+UNPRINTABLE = [b for b in range(256) if b not in PRINTABLE]
+BYTE_TO_CHAR = {b: chr(b) for b in PRINTABLE} | {b: chr(256 + n) for n, b in enumerate(UNPRINTABLE)}
 CHAR_TO_BYTE = {c: b for b, c in BYTE_TO_CHAR.items()}
 
 
@@ -61,21 +55,19 @@ def read_text(path):
 
 def merge(ids, pair, new_id):
     """Replace each occurrence of pair, left to right: merge([5, 6, 5, 6, 6], (5, 6), 9) -> [9, 9, 6]."""
-    out, i = [], 0
-    while i < len(ids):
-        if i + 1 < len(ids) and ids[i] == pair[0] and ids[i + 1] == pair[1]:
-            out.append(new_id)
-            i += 2
+    out = []
+    for i in ids:
+        if out and out[-1] == pair[0] and i == pair[1]:
+            out[-1] = new_id  # new_id is never pair[0], so [a, a, a] becomes [aa, a]
         else:
-            out.append(ids[i])
-            i += 1
+            out.append(i)
     return out
 
 
 # -----------------------------------------------------------------------------
 def start_training(texts, vocab_size):
-    """Byte b as token 3 + b (merge k makes 259 + k), each token kept as the string tokenizer.json writes
-    (GPT-2's characters: b" dog" is "Ġdog"); and each distinct word once, as byte ids, with its count."""
+    """Byte b as token 3 + b, each token kept as the string tokenizer.json writes (b" dog" is "Ġdog");
+    and each distinct word once, as byte ids, with its count."""
     if vocab_size < 3 + 256:
         raise ValueError(f"vocab_size must be at least {3 + 256}, got {vocab_size}")
     word_counts = Counter(w for text in texts for w in SPLIT.findall(text))
@@ -92,26 +84,26 @@ def train_simple(texts, vocab_size):
     3 times and "hug" is the second (id 260); then (" ",hug) occurs twice, giving " hug" (written
     "Ġhug", id 261). Now every pair occurs once, so training stops early."""
     vocab, words, counts = start_training(texts, vocab_size)
-    made, merges = set(vocab.values()), []
+    merges = []
     while len(vocab) + 3 < vocab_size:
         stats = Counter()
         for w, n in zip(words, counts):
             for pair in zip(w, w[1:]):
                 stats[pair] += n
         # skip pairs that remake a token ("a"+"bc" after "ab"+"c"): tokenizer.json keys tokens by string
+        made = set(vocab.values())
         fresh = [(-n, p) for p, n in stats.items() if vocab[p[0]] + vocab[p[1]] not in made]
         n, pair = min(fresh, default=(0, None))  # the most frequent; ties go to the smaller ids
         if -n < 2:
             break  # no pair occurs twice any more
         new_id = 3 + len(vocab)
         vocab[new_id] = vocab[pair[0]] + vocab[pair[1]]
-        made.add(vocab[new_id])
         merges.append(pair)
         words = [merge(w, pair, new_id) for w in words]
     return vocab, merges
 
 
-def train_fast(texts, vocab_size, verbose=False):
+def train_fast(texts, vocab_size):
     """train_simple's merges, 50x faster on 4,000 captions (140x on all 40,460): a merge changes only the
     words that contain its pair, so keep the pair counts in a heap and move only what those words change."""
     vocab, words, counts = start_training(texts, vocab_size)
@@ -140,8 +132,7 @@ def train_fast(texts, vocab_size, verbose=False):
         vocab[new_id] = new_token
         made.add(new_token)
         merges.append(pair)
-        # Only the words containing the pair change; move their pair counts by the difference.
-        delta = defaultdict(int)
+        delta = defaultdict(int)  # pair -> change of its count
         for i in where.pop(pair):
             old = words[i]
             new = merge(old, pair, new_id)
@@ -157,21 +148,33 @@ def train_fast(texts, vocab_size, verbose=False):
             if d:
                 stats[p] += d
                 heapq.heappush(heap, (-stats[p], p))
-        if verbose and len(merges) % 200 == 0:
-            print(f"merge {len(merges)}: {new_token!r} ({-n} occurrences)")
     return vocab, merges
+
+
+def tokenizer_json(vocab, merges):
+    """A trained tokenizer's tokenizer.json: <pad>, <bos>, <eos> = 0, 1, 2 and GPT-2's ByteLevel BPE."""
+    added = [{"id": i, "content": s, "single_word": False, "lstrip": False, "rstrip": False,
+              "normalized": False, "special": True} for i, s in enumerate(SPECIALS)]
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    model = {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+             "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+             "vocab": {s: i for i, s in enumerate(SPECIALS)} | {vocab[i]: i for i in sorted(vocab)},
+             "merges": [[vocab[a], vocab[b]] for a, b in merges]}  # pairs, as tokenizers 0.23 writes
+    return json.dumps({"version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
+                       "normalizer": None, "pre_tokenizer": byte_level, "post_processor": None,
+                       "decoder": byte_level, "model": model}, ensure_ascii=False, indent=1)
 
 
 # -----------------------------------------------------------------------------
 class Tokenizer:
-    def __init__(self, vocab, merges, specials, split=SPLIT.findall, byte_level=True, prefix_space=False,
-                 suffix="", unk_id=None, fuse_unk=False, decoder_suffix=None, source=None):
-        """vocab: {id: token string} of the ordinary tokens; merges: [(id_a, id_b), ...] in rank order;
-        specials: {"<pad>": id, ...}; source: the tokenizer.json text it came from. The rest say how
-        text becomes words and ids text: GPT-2's way, unless a tokenizer.json says otherwise (form_of)."""
-        self.vocab, self.merges, self.specials, self.source = vocab, merges, specials, source
+    """A BPE tokenizer as its tokenizer.json says: train() writes one (GPT-2's form), from_json() reads it."""
+
+    def __init__(self, vocab, merges, specials, source, unk_id, split, byte_level, prefix_space, suffix,
+                 fuse_unk, decoder_suffix):
+        """vocab {id: token string} of the ordinary tokens, merges [(id_a, id_b), ...] by rank."""
+        self.vocab, self.merges, self.source, self.unk_id = vocab, merges, source, unk_id
         self.split, self.byte_level, self.prefix_space, self.suffix = split, byte_level, prefix_space, suffix
-        self.unk_id, self.fuse_unk, self.decoder_suffix = unk_id, fuse_unk, decoder_suffix
+        self.fuse_unk, self.decoder_suffix = fuse_unk, decoder_suffix
         self.vocab_size = len(vocab) + len(specials)
         self.ids_of = {s: i for i, s in vocab.items()}
         self.pad_id, self.bos_id, self.eos_id = (specials.get(s, self.ids_of.get(s)) for s in SPECIALS)
@@ -181,22 +184,20 @@ class Tokenizer:
         self.cache = {}  # word -> ids; captions reuse a few thousand words over and over
 
     @classmethod
-    def train(cls, texts, vocab_size=2048, verbose=False):
-        """A tokenizer with train_fast's merges and <pad>, <bos>, <eos> = 0, 1, 2."""
-        return cls(*train_fast(texts, vocab_size, verbose), dict(zip(SPECIALS, range(3))))
+    def train(cls, texts, vocab_size=2048):
+        """train_fast's merges, read back from the tokenizer.json they make: one way to a Tokenizer."""
+        return cls.from_json(tokenizer_json(*train_fast(texts, vocab_size)))
 
-    # --- encoding and decoding --------------------------------------------------------------
     def encode_word(self, word):
-        """The ids of the word's characters (the last with end_of_word_suffix, if any; byte-level: of
-        its bytes as GPT-2's characters), then merges applied lowest rank first, as GPT-2 does."""
+        """The ids of the word's characters (byte-level: its bytes'), then merges, lowest rank first."""
         if self.byte_level:  # 'surrogatepass': any str encodes, even "\ud800" (it decodes as U+FFFD)
             word = "".join([BYTE_TO_CHAR[b] for b in word.encode("utf-8", "surrogatepass")])
         ids = []
-        for c in [*word[:-1], word[-1:] + self.suffix]:
+        for c in [*word[:-1], word[-1:] + self.suffix]:  # the last character carries end_of_word_suffix
             i = self.ids_of.get(c, self.unk_id)  # unseen in training: the unk token (one per run if fused)
             if i is not None and not (self.fuse_unk and i == self.unk_id and ids[-1:] == [i]):
                 ids.append(i)
-        no_merge = (float("inf"), None)
+        no_merge = (float("inf"), None)  # one tuple for all pairs: a new one per pair is 25% slower cold
         while len(ids) >= 2:
             pair = min(zip(ids, ids[1:]), key=lambda p: self.ranks.get(p, no_merge))
             if pair not in self.ranks:
@@ -210,12 +211,11 @@ class Tokenizer:
             text = " " + text  # ByteLevel add_prefix_space: the first word gets a space like the others
         ids = []
         for word in self.split(text):
-            word_ids = self.cache.get(word)
-            if word_ids is None:
+            if word not in self.cache:
                 if len(self.cache) > 100_000:  # bound the memory on endless new words
                     self.cache.clear()
-                word_ids = self.cache[word] = self.encode_word(word)
-            ids.extend(word_ids)
+                self.cache[word] = self.encode_word(word)
+            ids.extend(self.cache[word])
         return ids
 
     def decode(self, ids):
@@ -229,22 +229,9 @@ class Tokenizer:
         s = self.decoder_suffix  # BPEDecoder: a word's end becomes a space, except in the last piece
         return "".join([p.replace(s, " ") for p in pieces[:-1]] + [p.replace(s, "") for p in pieces[-1:]])
 
-    # --- Hugging Face tokenizer.json ----------------------------------------------------------
     def to_json(self):
-        """The tokenizer.json text that save() writes: a loaded file as it came, else ours."""
-        if self.source is not None:
-            return self.source
-        vocab = dict(self.specials) | {self.vocab[i]: i for i in sorted(self.vocab)}
-        added = [{"id": i, "content": s, "single_word": False, "lstrip": False, "rstrip": False,
-                  "normalized": False, "special": True} for s, i in self.specials.items()]
-        merges = [[self.vocab[a], self.vocab[b]] for a, b in self.merges]  # as tokenizers 0.23 writes
-        byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
-        model = {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
-                 "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
-                 "ignore_merges": False, "vocab": vocab, "merges": merges}
-        return json.dumps({"version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
-                           "normalizer": None, "pre_tokenizer": byte_level, "post_processor": None,
-                           "decoder": byte_level, "model": model}, ensure_ascii=False, indent=1)
+        """The tokenizer.json text it was made from, which save() writes."""
+        return self.source
 
     @classmethod
     def from_json(cls, text, name="<string>"):
@@ -282,7 +269,7 @@ class Tokenizer:
                 check(tok in ids and tok not in specials, f"merge {k} {mg!r} uses unknown token {tok!r}")
             pairs.append((ids[parts[0]], ids[parts[1]]))
         check(len(set(pairs)) == len(pairs), "model.merges has a repeated pair")
-        return cls(tokens, pairs, specials, unk_id=ids.get(unk), source=text, **form)
+        return cls(tokens, pairs, specials, text, ids.get(unk), **form)
 
     def save(self, path):
         tmp = path + ".tmp"  # write then rename, so a crash never leaves half a file
@@ -295,19 +282,16 @@ class Tokenizer:
         return cls.from_json(read_text(path), path)
 
 
-# -----------------------------------------------------------------------------
-# The other forms: ByteLevel with add_prefix_space, or use_regex=false (the text is one word), and the
-# quick tour's models.BPE(unk_token="[UNK]") with pre_tokenizers.Whitespace() or WhitespaceSplit(), no
-# decoder (pieces joined by spaces: "a dog run s") or BPEDecoder (its suffix, "</w>", ends a word). Rust's
-# \w also takes combining marks and U+200D, not ² or ½, and its \s lacks \x1c-\x1f: such text splits apart.
 def form_of(d, check):
-    """Tokenizer's keyword arguments for how tokenizer.json d splits and joins text; else check fails."""
+    """Tokenizer's arguments for how tokenizer.json d splits and joins text, else check fails: ByteLevel
+    (add_prefix_space; no use_regex: the text is one word), or the quick tour's Whitespace(Split) BPE
+    (fuse_unk, end_of_word_suffix), its pieces joined by spaces ("a dog run s") or a BPEDecoder."""
     kind = {key: v.get("type") if isinstance(v, dict) else v for key, v in d.items()}  # "ByteLevel", None
     m, pre, dec, post = d["model"], kind.get("pre_tokenizer"), kind.get("decoder"), kind.get("post_processor")
     check(m.get("type", "BPE") == "BPE", f"model type {m.get('type')!r} is not supported, only BPE")
     for key in ("dropout", "continuing_subword_prefix", "byte_fallback", "ignore_merges"):
         check(not m.get(key), f"model.{key}={m.get(key)!r} is not supported")
-    check(kind.get("normalizer") is None, f"normalizer {kind['normalizer']!r} is not supported")
+    check(kind.get("normalizer") is None, f"normalizer {kind.get('normalizer')!r} is not supported")
     check(post in (None, "ByteLevel"), f"post_processor {post!r} is not supported")
     splits = {"ByteLevel": SPLIT.findall, "Whitespace": re.compile(r"\w+|[^\w\s]+").findall,
               "WhitespaceSplit": str.split}

@@ -1,9 +1,6 @@
 """
-data.py: the two datasets, each prepared once into the uint8 arrays that training reads.
-
-- shapes (built in, offline): one or two coloured shapes; 5 captions name colour, size, shape, relation
-- Flickr8k (real photos, 5 captions each): downloaded (resumable), safely extracted, decoded on all cores
-Both end in one format, so training has one code path (prep_dir: --prep-dir, else --data-dir):
+data.py: the two datasets, shapes (built in, offline) and Flickr8k (real photos), each prepared once into
+the one format that training reads (prep_dir: --prep-dir, else --data-dir), so training has one code path:
     {prep_dir}/{split}_images_{size}.npy   uint8 (N, size, size, 3), squash-resized (no crop)
     {prep_dir}/{split}_captions.json       {"names": [...], "captions": [[caption, ...], ...]}
 Left out: augmentation, any other dataset. Downloads and archives are common.py's plumbing.
@@ -67,10 +64,6 @@ def _to_rgb(im):
     return im.convert("RGB")
 
 
-MEAN = (0.485, 0.456, 0.406)  # ImageNet statistics
-STD = (0.229, 0.224, 0.225)
-
-
 def normalize(images):
     """uint8 (B, H, W, 3), array or tensor on any device -> float32 (B, 3, H, W) with ImageNet mean/std."""
     images = torch.as_tensor(images)
@@ -83,7 +76,8 @@ def normalize(images):
 
 @functools.cache  # once per device: a tensor made from a Python list is a host-to-device copy, a GPU sync
 def _shift_scale(device):
-    mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
+    mean = torch.tensor((0.485, 0.456, 0.406)).view(1, 3, 1, 1)  # ImageNet statistics
+    std = torch.tensor((0.229, 0.224, 0.225)).view(1, 3, 1, 1)
     return (-mean / std).to(device), (1.0 / (255.0 * std)).to(device)
 
 
@@ -163,8 +157,7 @@ def _random_obj(rng):
 
 
 def random_scene(rng):
-    """One object anywhere, or two placed so that 'left of' or 'above' holds with a clear margin:
-    the gap along the main axis is >= GAP and the offset across it at most half the offset along it."""
+    """One object, or two in a clear relation: gap >= GAP along its axis, offset across <= half that along."""
     a = _random_obj(rng)
     if rng.random() < 0.5:
         a.x, a.y = (float(rng.uniform(a.r + 3, 109 - a.r)) for _ in range(2))
@@ -185,17 +178,14 @@ def random_scene(rng):
 
 
 def scene_captions(objs):
-    """Five true, differently worded captions: [small red circle left of large blue square] ->
-    'a small red circle to the left of a large blue square', 'a large blue square to the right of ...', ..."""
+    """Five true, differently worded captions; a relation is said both ways ('left of' and 'right of')."""
     if len(objs) == 1:
         o = objs[0].phrase()
         return [f"a {o}", f"there is a {o}", f"a picture of a {o}", f"a single {o}", f"an image with one {o}"]
     a, b = objs
-    if abs(b.x - a.x) > abs(b.y - a.y):  # the relation's axis is the one with the larger offset
-        (a, b), fwd, inv = sorted(objs, key=lambda o: o.x), "to the left of", "to the right of"
-    else:
-        (a, b), fwd, inv = sorted(objs, key=lambda o: o.y), "above", "below"
-    a, b = a.phrase(), b.phrase()
+    horizontal = abs(b.x - a.x) > abs(b.y - a.y)  # the relation's axis is the one with the larger offset
+    a, b = (o.phrase() for o in sorted(objs, key=lambda o: o.x if horizontal else o.y))  # a: left or upper
+    fwd, inv = ("to the left of", "to the right of") if horizontal else ("above", "below")
     return [f"a {a} {fwd} a {b}", f"a {b} {inv} a {a}", f"there is a {a} {fwd} a {b}",
             f"there is a {b} {inv} a {a}", f"a picture of a {a} {fwd} a {b}"]
 
@@ -355,7 +345,7 @@ def prepare_flickr8k(data_dir, size=112, base_url=DEFAULT_BASE_URL, log=print, p
 # ----------------------------------------------------------------------------- one entry point
 def prepare(data, data_dir=None, size=112, base_url=DEFAULT_BASE_URL, log=print, prep_dir=None):
     """Makes sure the three splits of `data` are prepared in prep_dir (default: data_dir) and returns it,
-    for load_split. A second call only checks them; a split that fails to load is made again."""
+    for load_split. A second call only checks them; if any fails to load, all three are made again."""
     if data not in ("flickr8k", "shapes"):
         raise UserError(f"unknown dataset {data!r} (use flickr8k or shapes)")
     data_dir = data_dir or os.path.join("data", data)

@@ -1,11 +1,8 @@
 """
-scores.py: how good are the captions? Caption a whole split in batches, then score it as papers do:
-corpus BLEU-1..4 and CIDEr-D exactly as the coco-caption toolkit computes them, and on shapes the
-strict exact match (the caption word for word one of the five). train.py's last step and
-`sample.py --eval` both call score_split().
-
-Left out: METEOR, ROUGE-L and SPICE (they need Java), coco's PTB tokenizer (the captions are already
-cleaned by data.clean_caption, so we split on whitespace).
+scores.py: caption a whole split in batches, then score it as papers do: corpus BLEU-1..4 and CIDEr-D
+exactly as the coco-caption toolkit computes them, and on shapes the strict exact match (the caption word
+for word one of the five). Left out: METEOR, ROUGE-L and SPICE (they need Java), coco's PTB tokenizer
+(data.clean_caption has cleaned every caption already, so we split on whitespace).
 Tests: python -m pytest -q test_all.py -k "bleu or cider or exact or score"
 """
 import math
@@ -20,20 +17,17 @@ import data
 
 def caption(model, tok, images, strategy="beam", beam_width=3, length_penalty=0.0, temperature=0.8,
             top_k=50, generator=None, batch_size=64, return_attn=False):
-    """Captions of uint8 images (N, S, S, 3), numpy or tensor, batch_size at a time.
-    With return_attn: (captions, attns), attns[i] of shape (tokens of caption i, n_layers, n_vis)."""
-    if strategy not in ("beam", "greedy", "topk"):  # before any work, and even for no images
-        raise ValueError(f"unknown strategy {strategy!r} (beam, greedy, topk)")
+    """Captions of uint8 images (N, S, S, 3), numpy or tensor, batch_size at a time. With return_attn:
+    (captions, token ids, attns), attns[i] of shape (tokens of caption i, n_layers, n_vis)."""
     device, max_new = next(model.parameters()).device, model.config.max_seq
+    args = {"beam": (beam_width, max_new, length_penalty), "greedy": (max_new,),  # generate_*'s arguments
+            "topk": (max_new, temperature, top_k, generator)}
+    if strategy not in args:  # before any work, and even for no images
+        raise ValueError(f"unknown strategy {strategy!r} ({', '.join(args)})")
     ids, attns = [], []
     for start in range(0, len(images), batch_size):
         x = data.normalize(torch.as_tensor(np.asarray(images[start:start + batch_size])).to(device))
-        if strategy == "beam":
-            out = model.generate_beam(x, beam_width, max_new, length_penalty, return_attn=return_attn)
-        elif strategy == "greedy":
-            out = model.generate_greedy(x, max_new, return_attn=return_attn)
-        else:
-            out = model.generate_topk(x, max_new, temperature, top_k, generator, return_attn=return_attn)
+        out = getattr(model, f"generate_{strategy}")(x, *args[strategy], return_attn=return_attn)
         seqs, maps = out if return_attn else (out, [])
         ids += seqs
         attns += [m.cpu() for m in maps]
@@ -47,12 +41,11 @@ def ngrams(words, n=4):
 
 
 def bleu(references, hypotheses):
-    """Corpus BLEU-1..4 exactly as pycocoevalcap's BleuScorer with option "closest"; references: one
-    list of caption strings per image, hypotheses: one string per image. n-gram matches are clipped by
-    the largest count in any one reference and summed over the corpus; the brevity penalty compares the
-    summed hypothesis length with the summed reference lengths, each the one closest to its hypothesis
-    (ties: the shorter). coco's smoothing: tiny=1e-15 on matches, small=1e-9 on guesses, so a corpus
-    with no 4-gram at all scores (1e-6)**(1/4), not 0."""
+    """Corpus BLEU-1..4 exactly as pycocoevalcap's BleuScorer with option "closest"; references: one list
+    of caption strings per image, hypotheses: one string per image. Matches are clipped by the largest
+    count in any one reference; the brevity penalty compares the summed lengths, each reference length the
+    one closest to its hypothesis (ties: the shorter). coco's smoothing: tiny=1e-15 on matches, small=1e-9
+    on guesses, so a corpus with no 4-gram at all scores (1e-6)**(1/4), not 0."""
     if len(references) != len(hypotheses):
         raise ValueError(f"bleu: {len(references)} reference lists for {len(hypotheses)} hypotheses")
     tiny, small = 1e-15, 1e-9
@@ -65,16 +58,12 @@ def bleu(references, hypotheses):
         hyp_len += len(words)
         ref_len += min((abs(len(r.split()) - len(words)), len(r.split())) for r in refs)[1]
         for gram, count in ngrams(words).items():
+            guess[len(gram) - 1] += count
             correct[len(gram) - 1] += min(count, max_ref[gram])
-        for k in range(4):
-            guess[k] += max(0, len(words) - k)
     ratio = (hyp_len + tiny) / (ref_len + small)
     brevity = math.exp(1 - 1 / ratio) if ratio < 1 else 1.0
-    scores, product = [], 1.0
-    for k in range(4):
-        product *= (correct[k] + tiny) / (guess[k] + small)
-        scores.append(product ** (1 / (k + 1)) * brevity)
-    return scores
+    precisions = [(c + tiny) / (g + small) for c, g in zip(correct, guess)]  # n = 1..4
+    return [math.prod(precisions[:k + 1]) ** (1 / (k + 1)) * brevity for k in range(4)]  # geometric means
 
 
 def cider(references, hypotheses, n=4, sigma=6.0):
@@ -89,8 +78,7 @@ def cider(references, hypotheses, n=4, sigma=6.0):
     log_images = math.log(len(references))
 
     def vector(counts):
-        """Per n: {ngram: tf * idf} and its norm, plus coco's length: the number of BIGRAMS
-        (= words - 1; only differs from the word count's delta when a caption is empty)."""
+        """Per n {ngram: tf * idf} and its norm; coco's length: the BIGRAM count (words - 1; 0 when empty)."""
         vec = [{} for _ in range(n)]
         for gram, tf in counts.items():
             vec[len(gram) - 1][gram] = tf * (log_images - math.log(max(1.0, df[gram])))
@@ -107,9 +95,7 @@ def cider(references, hypotheses, n=4, sigma=6.0):
             for k in range(n):
                 # clipped: a hypothesis repeating an n-gram gains nothing beyond the reference's weight
                 val = sum(min(w, r_vec[k].get(g, 0.0)) * r_vec[k].get(g, 0.0) for g, w in h_vec[k].items())
-                if h_norm[k] and r_norm[k]:
-                    val /= h_norm[k] * r_norm[k]
-                total += val * penalty
+                total += val / (h_norm[k] * r_norm[k] or 1.0) * penalty  # a zero vector: cosine 0, as coco
         scores.append(10.0 * total / n / len(counts))
     return sum(scores) / len(scores)
 
