@@ -1,14 +1,9 @@
 """
-checkpoint.py: the files a model lives in, read safely and written whole.
-
-- safetensors, by hand: a writer and a reader that checks every size against the file's real bytes
-- torch checkpoints (train.py's ckpt.pt) read with weights_only=True: tensors, numbers, strings, never code
-- the published layout: model.safetensors + config.json + tokenizer.json, as train.py exports it, and
-  load_model(), which also reads the published SupraVL-Nano-900k folder in every form its tools wrote
-- a run's folder: a fresh run never replaces another, and --resume keeps the settings that make it one
+checkpoint.py: a model's files, read safely and written whole: safetensors by hand, torch files that run
+no code, the published layout (load_model() reads every form SupraVL-Nano-900k's tools wrote), a run's folder.
 
 Left out: sharded checkpoints, remote model hubs, pickled Python objects of any kind.
-Tests: python -m pytest -q test_all.py -k "safetensors or load_model or published"
+Tests: python -m pytest -q test_all.py -k "safetensors or load_model or published or replaced or resume"
 """
 import json
 import math
@@ -24,21 +19,18 @@ from model import VLM, Config
 
 
 # ----------------------------------------------------------------------------- safetensors, by hand
-# Layout: 8-byte little-endian header length N, N bytes of JSON {name: {dtype, shape, data_offsets}}
-# (plus an optional "__metadata__" of strings), padded with spaces to a multiple of 8, then the raw
-# little-endian tensor bytes; data_offsets count from the end of the header.
+# Layout: 8-byte little-endian header length N, N bytes of JSON {name: {dtype, shape, data_offsets}} (and
+# "__metadata__") padded with spaces to a multiple of 8, then the tensor bytes; data_offsets count from there.
 
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
           "U8": torch.uint8, "BOOL": torch.bool}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
-MAX_HEADER = 100 * 2 ** 20  # the real library's cap as well; ours is ~5 KB
 
 
 def write_safetensors(path, tensors, metadata=None):
-    header, blobs, offset = {}, [], 0
-    if metadata:
-        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    header = {"__metadata__": {str(k): str(v) for k, v in metadata.items()}} if metadata else {}
+    blobs, offset = [], 0
     for name, t in tensors.items():
         t = t.detach().cpu().contiguous()
         raw = t.reshape(-1).view(torch.uint8).numpy().tobytes()  # any dtype as its bytes (little-endian host)
@@ -53,8 +45,7 @@ def write_safetensors(path, tensors, metadata=None):
 
 
 def read_safetensors(path):
-    """{name: tensor} from a .safetensors file, refusing anything malformed in one line. Every size is
-    checked against the bytes actually in the file before anything is allocated."""
+    """{name: tensor}; every size is checked against the bytes really in the file before anything is made."""
     def check(ok, why):
         if not ok:
             raise UserError(f"{path}: not a valid safetensors file: {why}")
@@ -62,7 +53,7 @@ def read_safetensors(path):
         size = os.fstat(f.fileno()).st_size
         check(size >= 8, f"only {size} bytes")
         (n,) = struct.unpack("<Q", f.read(8))
-        check(n <= min(size - 8, MAX_HEADER), f"header length {n} goes beyond the file's {size} bytes")
+        check(n <= min(size - 8, 100 * 2 ** 20), f"header length {n} goes beyond the file's {size} bytes")
         head, blob = f.read(n), f.read()  # blob: the data the file holds, whatever the header claims
     try:
         header = json.loads(head)
@@ -94,8 +85,7 @@ def read_safetensors(path):
 # ----------------------------------------------------------------------------- checkpoints
 
 def load_torch(path):
-    """A torch.save file read safely (weights_only: tensors, numbers, strings, never code); a failure is
-    one line."""
+    """torch.load with weights_only=True (tensors, numbers, strings, never code); a failure is one line."""
     if not os.path.exists(path):
         raise UserError(f"{path}: no such checkpoint file or folder")
     with open(path, "rb") as f:
@@ -113,55 +103,44 @@ def save_torch(path, obj):
         torch.save(obj, f)
 
 
-# The published config.json: nine keys, the Config fields they hold. The token ids are optional there:
-# for each, (our key, the Hugging Face key, the seed code's default); read_config_json asks the tokenizer
-# before the default.
-CONFIG_KEYS = {"D_MODEL": "d_model", "N_HEADS": "n_heads", "N_LAYERS": "n_layers", "D_FF": "d_ff",
-               "VIS_CH": "vis_ch", "N_VIS": "n_vis", "VOCAB_SIZE": "vocab_size", "MAX_SEQ": "max_seq",
-               "IMG_SIZE": "img_size"}
-TOKEN_IDS = {"bos_id": ("BOS_ID", "bos_token_id", 1), "eos_id": ("EOS_ID", "eos_token_id", 2),
-             "pad_id": ("PAD_ID", "pad_token_id", 0)}
+# config.json: the nine Config fields in upper case (D_MODEL); the token ids also under Hugging Face's names.
+CONFIG_FIELDS = ("d_model", "n_heads", "n_layers", "d_ff", "vis_ch", "n_vis", "vocab_size", "max_seq",
+                 "img_size")
+TOKEN_IDS = {"bos_id": "bos_token_id", "eos_id": "eos_token_id", "pad_id": "pad_token_id"}
 
 
 def save_pretrained(out_dir, model, tok):
-    """The published layout: model.safetensors (the tied tok_emb/lm_head matrix stored under both names,
-    so a strict load finds both), config.json (the nine keys and the token ids), tokenizer.json."""
+    """model.safetensors (the tied head under both names, for strict loaders), config.json, tokenizer.json."""
     os.makedirs(out_dir, exist_ok=True)
     write_safetensors(os.path.join(out_dir, "model.safetensors"), model.state_dict(), {"format": "pt"})
-    config = {key: getattr(model.config, field) for key, field in CONFIG_KEYS.items()}
-    config.update({hf_key: getattr(model.config, field) for field, (_, hf_key, _) in TOKEN_IDS.items()})
+    config = {field.upper(): getattr(model.config, field) for field in CONFIG_FIELDS}
+    config.update({hf_key: getattr(model.config, field) for field, hf_key in TOKEN_IDS.items()})
     with atomic_write(os.path.join(out_dir, "config.json"), "w") as f:
         f.write(json.dumps(config, indent=2) + "\n")
     tok.save(os.path.join(out_dir, "tokenizer.json"))
 
 
 def read_config_json(path, tok):
-    """Config fields from a published config.json. Token ids: BOS_ID or bos_token_id (and so on) when
-    present, else the tokenizer's <bos>, <eos>, <pad>, else 1, 2, 0 as the seed's code. Other keys: ignored."""
+    """Config fields from config.json; a token id it lacks is the tokenizer's, else Config's (the seed's)."""
     try:
         with open(path, encoding="utf-8") as f:
             published = json.load(f)
-        fields = {field: published[key] for key, field in CONFIG_KEYS.items()}
+        fields = {field: published[field.upper()] for field in CONFIG_FIELDS}
     except (ValueError, KeyError, TypeError) as e:
         raise UserError(f"{path}: not a SupraVL config ({type(e).__name__}: {e})") from None
-    for field, (ours, hf_key, default) in TOKEN_IDS.items():
-        found = [published.get(ours), published.get(hf_key), getattr(tok, field), default]
-        fields[field] = next(i for i in found if i is not None)
+    for field, hf_key in TOKEN_IDS.items():
+        found = [published.get(field.upper()), published.get(hf_key), getattr(tok, field)]
+        fields[field] = next((i for i in found if i is not None), getattr(Config, field))
     return fields
 
 
 def read_checkpoint(path):
-    """(weights, Config fields, the file to blame for them, tokenizer) from any form we know:
-    - a folder: model.safetensors (else model.pt) beside config.json and tokenizer.json
-    - a .pt file: train.py's ckpt.pt holds its config and tokenizer; another one (the published model.pt:
-      weights + optimizer + scheduler state) takes them from config.json and tokenizer.json beside it."""
+    """(weights, Config fields, their file, tokenizer): in a ckpt.pt, or in the files beside the weights."""
     folder = path if os.path.isdir(path) else os.path.dirname(path)
-    weights_file = path
-    if os.path.isdir(path):
-        names = [n for n in ("model.safetensors", "model.pt") if os.path.isfile(os.path.join(path, n))]
-        if not names:
-            raise UserError(f"{path}: no model.safetensors or model.pt (beside config.json, tokenizer.json)")
-        weights_file = os.path.join(path, names[0])
+    weights_file = next((os.path.join(path, n) for n in ("model.safetensors", "model.pt")
+                         if os.path.isfile(os.path.join(path, n))), path)
+    if os.path.isdir(weights_file):
+        raise UserError(f"{path}: no model.safetensors or model.pt (beside config.json, tokenizer.json)")
     ckpt = read_safetensors(weights_file) if weights_file.endswith(".safetensors") else load_torch(weights_file)
     if not isinstance(ckpt, dict):
         raise UserError(f"{weights_file}: not a SupraVL checkpoint (not a dict of weights)")
@@ -180,18 +159,6 @@ def read_checkpoint(path):
     return weights, read_config_json(config_path, tok), config_path, tok
 
 
-def tie_head(weights, path):
-    """The head is tok_emb.weight, as in the seed's code, which re-ties after loading: an absent
-    lm_head.weight is no problem, a different one is overruled (and said once)."""
-    head, emb = weights.get("lm_head.weight"), weights.get("tok_emb.weight")
-    if head is not None and emb is not None and not torch.equal(head, emb):
-        print(f"note: {path}: lm_head.weight differs from tok_emb.weight; the head is tied to "
-              "tok_emb.weight, as the published code does", file=sys.stderr)
-    if emb is not None:
-        weights["lm_head.weight"] = emb
-    return weights
-
-
 def load_model(path, device="cpu"):
     """(model in eval mode on device, tokenizer) from a ckpt.pt, a published folder, or a model.pt."""
     try:
@@ -199,12 +166,16 @@ def load_model(path, device="cpu"):
     except ValueError as e:  # bpe's errors; they name their file
         raise UserError(str(e)) from None
     # the seed's code stores its causal masks as buffers: not weights, and ours builds no such buffer
-    weights = tie_head({k: v for k, v in weights.items() if not k.endswith(".attn.mask")}, path)
+    weights = {k: v for k, v in weights.items() if not k.endswith(".attn.mask")}
+    emb = weights.get("tok_emb.weight")  # the head: tok_emb, as the seed's code re-ties it after loading
+    if emb is not None and not torch.equal(weights.setdefault("lm_head.weight", emb), emb):
+        print(f"note: {path}: lm_head.weight differs from tok_emb.weight; the head is tied to "
+              "tok_emb.weight, as the published code does", file=sys.stderr)
+        weights["lm_head.weight"] = emb
     held = sum(v.numel() for v in weights.values())
     try:
         c = Config(**fields)
-        # The weights (real bytes) bound the model: a config.json claiming D_MODEL = 10**6 is refused
-        # here instead of making VLM allocate terabytes. These are its largest matrices.
+        # its largest matrices must fit in the weights held: a config.json claiming D_MODEL = 10**6 is refused
         d = c.d_model
         if max(c.vocab_size * d, (c.n_vis + c.max_seq) * d, c.n_layers * d * c.d_ff, c.vis_ch ** 2) > held:
             raise ValueError(f"it describes a bigger model than the {held} weights hold")
@@ -252,8 +223,7 @@ def check_out_dir(args, log):
 
 
 def adopt_settings(args, state, fixed, log):
-    """--resume: the checkpoint's settings, but for those given again (args.given). One that would make it
-    another run (in `fixed`) must match; the others change from here on, and the log says so."""
+    """--resume: the checkpoint's settings; a flag given again wins (logged), or must match if in `fixed`."""
     for key, saved in state["settings"].items():
         given = getattr(args, key)
         if key not in args.given or given == saved:

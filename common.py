@@ -1,12 +1,6 @@
 """
-common.py: the plumbing every script shares, written once: train.py, sample.py, data.py, bench.py.
-
-- UserError and cli(): a problem the user can fix is one line on stderr and exit status 2, no traceback
-- atomic_write(): every file the project writes appears whole or not at all
-- progress(): the one status line of a long job
-- devices: the best device that works (or one line saying why not), its precision, glibc's memory reuse
-- flags: the dataset flags of every script, and one-line checks of the rest
-- downloads that resume and retry, and zip archives extracted safely
+common.py: the plumbing every script shares, written once: one-line errors, atomic writes, the status line,
+devices and precision, processes, flags, downloads that resume and retry, zip archives extracted safely.
 
 Checkpoints and the published layout are checkpoint.py's. Left out: proxies, checksums, other archives.
 Tests: python -m pytest -q test_all.py -k "flags or device or download or archive or failed_write"
@@ -33,29 +27,24 @@ class UserError(Exception):
 
 
 def cli(main):
-    """Run a script's main(); a UserError, a file-system error or a full GPU becomes one line on stderr
-    and exit status 2; Ctrl-C exits with 130, the shell's code for it. Never a traceback."""
+    """Run main(): a UserError, an OSError or a full GPU: one stderr line and exit status 2 (Ctrl-C: 130)."""
     try:
         return main()
     except KeyboardInterrupt:
-        fail("interrupted", code=130)
+        message = "interrupted"
     except (UserError, OSError) as e:
-        fail(str(e))
+        message = str(e)
     except torch.cuda.OutOfMemoryError as e:  # torch's message runs on for lines: keep its first sentence
-        fail(f"the GPU ran out of memory ({str(e).split('. ')[0]}); try a smaller --batch-size")
-
-
-def fail(message, code=2):
+        message = f"the GPU ran out of memory ({str(e).split('. ')[0]}); try a smaller --batch-size"
     if _progress["open"]:
         sys.stderr.write("\n")  # a \r status line is showing: the error starts a line of its own
-    print("error: " + " ".join(message.split("\n")), file=sys.stderr)
-    sys.exit(code)
+    print("error: " + message.replace("\n", " "), file=sys.stderr)
+    sys.exit(130 if message == "interrupted" else 2)  # 130: the shell's code for Ctrl-C
 
 
 @contextlib.contextmanager
 def atomic_write(path, mode="wb"):
-    """Write path.tmp, then rename it over path: a full disk or a kill midway leaves the old file whole.
-        with atomic_write("loss.png") as f: image.save(f, format="PNG")"""
+    """Write path.tmp, then rename it over path: a full disk or a kill midway leaves the old file whole."""
     tmp = f"{path}.tmp"
     try:
         with open(tmp, mode, encoding=None if "b" in mode else "utf-8") as f:
@@ -82,10 +71,8 @@ def progress(text, end=False):
 def device_problem(name):
     """None when a tensor can be made on device `name`, else why not, in a few words."""
     kind = name.split(":")[0]
-    if kind == "cpu":
-        return None
     if kind not in ("cuda", "mps"):
-        return "unknown device (use auto, cpu, cuda, cuda:N or mps)"
+        return None if kind == "cpu" else "unknown device (use auto, cpu, cuda, cuda:N or mps)"
     with warnings.catch_warnings(record=True) as caught:  # a too-old driver only warns, then says "no"
         warnings.simplefilter("always")
         present = torch.cuda.is_available() if kind == "cuda" else torch.backends.mps.is_available()
@@ -100,15 +87,12 @@ def device_problem(name):
 
 def pick_device(name="auto"):
     """"auto": cuda, else mps, else cpu, whichever first works; a named device must work."""
-    if name != "auto":
-        problem = device_problem(name)
-        if problem:
-            raise UserError(f"--device {name}: {problem}")
-        return name
-    for kind in ("cuda", "mps"):
+    for kind in ["cuda", "mps"] if name == "auto" else [name]:
         problem = device_problem(kind)
         if problem is None:
             return kind
+        if name != "auto":
+            raise UserError(f"--device {name}: {problem}")
         if problem != "not available here":  # there is a GPU, but it does not work: say so, once
             print(f"note: {kind} {problem}; using the cpu", file=sys.stderr)
     return "cpu"
@@ -130,14 +114,10 @@ def pick_dtype(name, device):
 
 
 def keep_freed_memory():
-    """Ask glibc to keep freed memory for reuse: every CPU step allocates and frees ~50 MB of conv
-    activations, which by default go back to the OS and return as page faults and zero-fills.
-    Measured 1.1x (fp32) to 1.25x (bf16) faster steps; the process keeps its peak memory."""
-    if sys.platform.startswith("linux"):
-        try:
-            libc = ctypes.CDLL("libc.so.6")
-        except OSError:  # not glibc (musl): nothing to tune
-            return
+    """Ask glibc to keep freed memory: a CPU step frees ~50 MB of conv activations, which would otherwise come
+    back as page faults and zero-fills. Steps 1.1x (fp32) to 1.25x (bf16) faster; peak memory stays held."""
+    with contextlib.suppress(OSError):  # no glibc (macOS, Windows, musl): nothing to tune
+        libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD: blocks under 1 GB come from the reusable heap
         libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: keep up to 1 GB of freed heap
 
@@ -152,8 +132,7 @@ def precision(device, dtype):
 
 
 def setup(args):
-    """The device and precision, and the process group when run by torchrun. Returns (device, dtype,
-    rank, world, log); only rank 0 logs."""
+    """(device, dtype, rank, world, log), and torchrun's process group; only rank 0 logs."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     log = print if rank == 0 else (lambda *a, **k: None)
     local = int(os.environ.get("LOCAL_RANK", 0))
@@ -176,8 +155,7 @@ STOP = []  # train.py's Ctrl-C handler appends True: stop at the next step bound
 
 
 def stop_requested(step, every, world, device):
-    """Ctrl-C sets STOP (train.py's handler). Several processes agree on it every `every` steps, so all stop
-    at the same step (a rank that left alone would leave the others waiting in the gradient all-reduce)."""
+    """Ranks agree on STOP every `every` steps: all stop at one step, none left waiting in the all-reduce."""
     if world == 1:
         return bool(STOP)
     if step % every:
@@ -198,20 +176,17 @@ def add_data_flags(parser, default):
 
 
 def check_flags(args, rules):
-    """rules: [(flag, ok, what is allowed), ...]; the first flag that is not ok is one UserError line.
-        check_flags(args, [("--epochs", args.epochs >= 1, "at least 1")])"""
+    """rules: [(flag, ok, what is allowed), ...], e.g. ("--epochs", args.epochs >= 1, "at least 1")."""
     for flag, ok, allowed in rules:
         if not ok:
-            value = getattr(args, flag[2:].replace("-", "_"))
-            raise UserError(f"{flag} {value}: must be {allowed}")
+            raise UserError(f"{flag} {getattr(args, flag[2:].replace('-', '_'))}: must be {allowed}")
 
 
 # ----------------------------------------------------------------------------- downloads and archives
 
 def download(url, dest, advice, retries=4, backoff=1.0, timeout=(10, 60)):
-    """Streams url to dest via dest.part, which the next try resumes; dest appears only when whole.
-    HTTP 5xx, a dropped link or a short body is retried 1, 2, 4, 8 s later; other failures: one UserError
-    that ends with `advice` (what the user can do about it)."""
+    """Streams url to dest via dest.part, which the next try resumes; dest appears only when whole. HTTP 5xx,
+    a dropped link or a short body is retried 1, 2, 4, 8 s later; else a UserError that ends with `advice`."""
     part, why = dest + ".part", None
     for attempt in range(retries + 1):
         if attempt:
@@ -251,8 +226,7 @@ def download(url, dest, advice, retries=4, backoff=1.0, timeout=(10, 60)):
 
 
 def extract_zip(path, dest_dir):
-    """Extracts an archive into dest_dir, all of it or nothing: refused if any entry is absolute or has '..',
-    removed if corrupt (bad zip, bad CRC). Mac junk (__MACOSX, ._*, .DS_Store) is skipped."""
+    """path into dest_dir, all or nothing: refused if an entry is absolute or has '..', removed if corrupt."""
     tmp = os.path.join(dest_dir, ".extract.tmp")  # nothing moves into place until all of it is out
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
