@@ -167,10 +167,11 @@ def load_model(path, device="cpu"):
         raise UserError(str(e)) from None
     # the seed's code stores its causal masks as buffers: not weights, and ours builds no such buffer
     weights = {k: v for k, v in weights.items() if not k.endswith(".attn.mask")}
-    emb = weights.get("tok_emb.weight")  # the head: tok_emb, as the seed's code re-ties it after loading
-    if emb is not None and not torch.equal(weights.setdefault("lm_head.weight", emb), emb):
-        print(f"note: {path}: lm_head.weight differs from tok_emb.weight; the head is tied to "
-              "tok_emb.weight, as the published code does", file=sys.stderr)
+    emb = weights.get("tok_emb.weight")
+    if emb is not None:  # the head is tok_emb, as the seed's code re-ties it after loading
+        if not torch.equal(weights.get("lm_head.weight", emb), emb):
+            print(f"note: {path}: lm_head.weight differs from tok_emb.weight; the head is tied to "
+                  "tok_emb.weight, as the published code does", file=sys.stderr)
         weights["lm_head.weight"] = emb
     held = sum(v.numel() for v in weights.values())
     try:

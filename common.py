@@ -28,10 +28,11 @@ class UserError(Exception):
 
 def cli(main):
     """Run main(): a UserError, an OSError or a full GPU: one stderr line and exit status 2 (Ctrl-C: 130)."""
+    code = 2
     try:
         return main()
     except KeyboardInterrupt:
-        message = "interrupted"
+        message, code = "interrupted", 130  # 130: the shell's code for Ctrl-C
     except (UserError, OSError) as e:
         message = str(e)
     except torch.cuda.OutOfMemoryError as e:  # torch's message runs on for lines: keep its first sentence
@@ -39,7 +40,7 @@ def cli(main):
     if _progress["open"]:
         sys.stderr.write("\n")  # a \r status line is showing: the error starts a line of its own
     print("error: " + message.replace("\n", " "), file=sys.stderr)
-    sys.exit(130 if message == "interrupted" else 2)  # 130: the shell's code for Ctrl-C
+    sys.exit(code)
 
 
 @contextlib.contextmanager
