@@ -1,13 +1,11 @@
 """
 train.py: the SupraVL-Nano training loop, from a fresh clone to out/model.safetensors.
 
-The card's recipe: 15 epochs over the 30,000 Flickr8k (image, caption) training pairs, batch 64,
-AdamW(0.9, 0.95) with weight decay 0.01 on matrices only, a short warmup then cosine to 3e-5, gradient
-clipping at 1.0, teacher forcing, mixed precision where the device has it; with one measured change, a
-peak lr of 1e-3 instead of 3e-4 (see RECIPES). The built-in shapes set has a recipe measured to finish
-on a laptop CPU. A run leaves in --out-dir (default out/): ckpt.pt (the full state, which --resume
-continues), best.pt (the lowest validation loss), loss.png, eval.json (scores of the validation split)
-and the published layout (model.safetensors, config.json, tokenizer.json: `sample.py --ckpt out`).
+The card's recipe (RECIPES): 15 epochs of the 30,000 Flickr8k (image, caption) pairs, batch 64, AdamW(0.9,
+0.95), weight decay 0.01 on matrices, warmup then cosine to 3e-5, clipping at 1.0, teacher forcing, mixed
+precision; but a peak lr of 1e-3, not 3e-4 (measured). A run leaves in --out-dir: ckpt.pt (what --resume
+continues), best.pt (lowest validation loss), loss.png, eval.json (validation scores) and the published
+layout (model.safetensors, config.json, tokenizer.json: `python sample.py --ckpt out`).
 
 Left out on purpose: gradient accumulation, EMA weights, data augmentation, learning-rate finders.
 
@@ -37,7 +35,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import data
 import scores
 from bpe import Tokenizer
-from checkpoint import adopt_settings, check_out_dir, load_torch, save_pretrained, save_torch
+from checkpoint import RUN_FILES, adopt_settings, check_out_dir, load_torch, save_pretrained, save_torch
 from common import (STOP, UserError, add_data_flags, atomic_write, check_flags, cli, precision, setup,
                     stop_requested)
 from model import VLM, Config
@@ -68,6 +66,12 @@ def encode_pairs(split, tok, max_seq):
     for r, ids in enumerate(rows):
         tokens[r, :len(ids)] = torch.tensor(ids)
     return tokens, torch.tensor(image_of), torch.tensor([len(ids) - 1 for ids in rows])
+
+
+def on_device(split, tok, max_seq, device):
+    """encode_pairs' rows and image index, and the uint8 images, on the device; the lengths stay on the CPU."""
+    tokens, image_of, lengths = encode_pairs(split, tok, max_seq)
+    return tokens.to(device), image_of.to(device), lengths, torch.from_numpy(split.images).to(device)
 
 
 def epoch_order(lengths, epoch, args, rank, world):
@@ -140,12 +144,9 @@ def train(args):
     if world > 1:
         fast = DDP(fast, device_ids=[int(device.split(":")[1])] if device.startswith("cuda") else None)
     autocast = functools.partial(precision, device, dtype)  # autocast(): a fresh context each time
-    # What a step needs stays on the device: the uint8 images (225 MB for Flickr8k: a batch is a gather),
-    # the token rows, and the epoch's order; the lengths stay on the CPU, where cutting a batch needs them.
-    train_rows, val_rows = (encode_pairs(s, tok, model.config.max_seq) for s in (train_split, val_split))
-    tokens, image_of = (t.to(device) for t in train_rows[:2])
-    val = [t.to(device) for t in val_rows[:2]] + [val_rows[2], torch.from_numpy(val_split.images).to(device)]
-    images, lengths = torch.from_numpy(train_split.images).to(device), train_rows[2]
+    # A step's inputs live on the device (Flickr8k's uint8 images are 225 MB): a batch is a gather
+    tokens, image_of, lengths, images = on_device(train_split, tok, model.config.max_seq, device)
+    val = on_device(val_split, tok, model.config.max_seq, device)
     steps_per_epoch = len(lengths) // world // args.batch_size
     total = args.epochs * steps_per_epoch
     if not run.step < total:
@@ -204,7 +205,7 @@ def finish(run, val_split, rank, log):
         log("val: " + "  ".join(f"{k} {v:.4f}" for k, v in result.items() if isinstance(v, float)))
         with atomic_write(f"{out}/eval.json", "w") as f:
             f.write(json.dumps(result, indent=1))
-        log(f"wrote {out}/: ckpt.pt best.pt loss.png model.safetensors config.json tokenizer.json eval.json")
+        log(f"wrote {out}/: {' '.join(RUN_FILES)}")
         return result
 
 
@@ -233,8 +234,8 @@ def validate(run, val, names, autocast, log):
     log(f"step {run.step}: val loss {loss:.4f}")
     run.model.eval()
     with torch.no_grad(), autocast():
-        first3 = val[3][:3]  # (3, 112, 112, 3) uint8: val is (tokens, image_of, lengths, images)
-        seqs = run.model.generate_greedy(data.normalize(first3), run.model.config.max_seq)
+        first3 = data.normalize(val[3][:3])  # (3, 3, 112, 112): val is (tokens, image_of, lengths, images)
+        seqs = run.model.generate_greedy(first3, run.model.config.max_seq)
     run.model.train()
     for name, ids in zip(names, seqs):
         log(f"   {name}: {run.tok.decode(ids)}")
