@@ -700,7 +700,7 @@ def test_cached_decoding_matches_full_forward(need_attn):
         cache, logp, _ = model._start(x, 48, need_attn)
         steps = [logp]
         for t in range(1, 48):
-            steps.append(model._step(ids[:, t], cache, need_attn)[0])
+            steps.append(model._decode(None, ids[:, t:t + 1], cache, 16 + t, need_attn)[0])  # position 16 + t
     assert torch.allclose(torch.stack(steps, 1), full, atol=1e-5)
 
 
