@@ -5,8 +5,7 @@ model.py: SupraVL-Nano, a tiny CNN and a tiny GPT that caption images, exact to 
         -> AdaptiveAvgPool 4x4 -> 16 tokens x 64 -> Linear -> (B,16,128) = the visual tokens
     [visual tokens, BOS, w1, w2, ...] + positions -> 3 pre-LN blocks -> LayerNorm -> lm_head (tied to tok_emb)
 
-698,624 parameters with the card's 2048-token vocabulary (the tied matrix counted once). Part 1 is the
-model and plain generation; part 2 is speed (a key/value cache, batched greedy / top-k / beam search).
+698,624 parameters with the card's 2048-token vocabulary (the tied matrix counted once).
 Left out: the tokenizer (bpe.py), image loading and normalisation (data.py), training (train.py).
 Tests: the model section of test_all.py (python -m pytest -q test_all.py runs them all).
 Use it like:  model = VLM(Config()).eval(); model.generate_beam(images) -> [[ids...], ...]
@@ -61,8 +60,7 @@ class VisualEncoder(nn.Module):
         self.proj = nn.Linear(c, cfg.d_model)
 
     def forward(self, images):
-        # channels_last (NHWC) is the layout the fast conv kernels use: no reordering before every op
-        x = images.contiguous(memory_format=torch.channels_last)  # (B, 3, 112, 112)
+        x = images.contiguous(memory_format=torch.channels_last)  # NHWC: the fast conv kernels' own layout
         x = self.conv3(self.conv2(self.conv1(x)))  # (B, 64, 14, 14)
         x = self.pool(x).flatten(2).transpose(1, 2)  # (B, 16, 64): one token per grid cell, row-major
         return self.proj(x)  # (B, 16, 128)
@@ -77,20 +75,18 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
 
     def forward(self, x, cache=None, start=0, need_attn=False):
-        """x (B, T, C) at positions start.. -> (B, T, C) and, if need_attn, the last position's weights over
-        all keys (B, H, 1, S). cache (part 2): this layer's keys and values (2, B, H, n_vis + max_seq, hd)."""
+        """x (B,T,C) at positions start.. -> (B,T,C) and, if need_attn, the last query's weights (B,H,1,S)."""
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)  # (B, T, C) each
         q, k, v = (t.view(B, T, self.n_heads, -1).transpose(1, 2) for t in (q, k, v))  # (B, H, T, hd)
-        if cache is not None:  # written in place after the earlier positions: no torch.cat copy of the past
-            cache[:, :, :, start:start + T] = torch.stack([k, v])  # (2, B, H, T, hd)
+        if cache is not None:  # part 2: this layer's keys/values (2, B, H, S_max, hd); no torch.cat copies
+            cache[:, :, :, start:start + T] = torch.stack([k, v])  # (2, B, H, T, hd) in place, after the past
             k, v = cache[:, :, :, :start + T]  # (B, H, S, hd) each: every position so far
         # a prompt (with an empty cache) needs the triangle; one new query may look at every cached key
         dropout = self.dropout if self.training else 0.0
         y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, dropout_p=dropout)  # (B, H, T, hd)
-        weights = None
-        if need_attn:  # SDPA keeps no weights; the last query sees every key, so it needs no mask
-            weights = (q[:, :, -1:] @ k.transpose(-2, -1) / math.sqrt(q.size(-1))).softmax(-1)  # (B, H, 1, S)
+        # SDPA keeps no weights: written out for the last query, which sees every key, so it needs no mask
+        weights = (q[:, :, -1:] @ k.mT / math.sqrt(q.size(-1))).softmax(-1) if need_attn else None
         return self.proj(y.transpose(1, 2).reshape(B, T, C)), weights  # heads side by side again
 
 
@@ -107,8 +103,7 @@ class Block(nn.Module):
     def forward(self, x, cache=None, start=0, need_attn=False):
         a, weights = self.attn(self.ln1(x), cache, start, need_attn)
         x = x + self.drop(a)
-        x = x + self.drop(self.mlp(self.ln2(x)))
-        return x, weights
+        return x + self.drop(self.mlp(self.ln2(x))), weights
 
 
 class VLM(nn.Module):
@@ -145,10 +140,9 @@ class VLM(nn.Module):
         for block in self.blocks:
             x, _ = block(x)
         logits = self.lm_head(self.ln_f(x[:, cfg.n_vis:]))  # (B, T, V): text positions only
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=cfg.pad_id)
-        return logits, loss
+        if targets is None:
+            return logits, None
+        return logits, F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=cfg.pad_id)
 
     def _embed(self, vis, ids, start):
         """Token embeddings of ids (after the visual tokens vis, if given) plus positions from start."""
@@ -191,16 +185,16 @@ class VLM(nn.Module):
         return logits.float().log_softmax(-1), (torch.stack(maps, 1) if need_attn else None)
 
     def _start(self, images, max_new, need_attn):
-        """Encode the images, run visual tokens + BOS; return (cache, log-probs of token 1, attn)."""
+        """Run visual tokens + BOS -> (every layer's key/value cache, log-probs of token 1, attn)."""
         cfg, B = self.config, images.size(0)
         if not 1 <= max_new <= cfg.max_seq:
             raise ValueError(f"model: max_new must be in 1..{cfg.max_seq} (max_seq), got {max_new}")
-        # every layer's keys and values, (2, L, B, H, n_vis + max_seq, hd), filled as positions are decoded
         shape = (2, cfg.n_layers, B, cfg.n_heads, cfg.n_vis + cfg.max_seq, cfg.d_model // cfg.n_heads)
         cache = torch.zeros(shape, device=images.device, dtype=self.tok_emb.weight.dtype)
         bos = images.new_full((B, 1), cfg.bos_id, dtype=torch.long)  # (B, 1)
         return (cache, *self._decode(self.vis_enc(images), bos, cache, 0, need_attn))
 
+    @torch.no_grad()
     def _sample_loop(self, images, max_new, pick, return_attn):
         """Greedy / top-k: pick(logp (B,V)) -> next tokens (B,), until every row has emitted EOS."""
         cache, logp, attn = self._start(images, max_new, return_attn)
@@ -216,13 +210,11 @@ class VLM(nn.Module):
             logp, attn = self._decode(None, tok[:, None], cache, self.config.n_vis + 1 + t, return_attn)
         return self._trim(torch.stack(toks, 1), torch.stack(maps, 1) if return_attn else None)
 
-    @torch.no_grad()
     def generate_greedy(self, images, max_new=48, return_attn=False):
         """Most likely token at every step. Returns per image a list of ids (no BOS/EOS) or, with
         return_attn, (seqs, attns) with attns[i] of shape (len(seqs[i]), n_layers, n_vis) on the device."""
         return self._sample_loop(images, max_new, lambda logp: logp.argmax(-1), return_attn)
 
-    @torch.no_grad()
     def generate_topk(self, images, max_new=48, temperature=0.8, top_k=50, generator=None, return_attn=False):
         """Sample from the top_k most likely tokens, logits divided by temperature."""
         def pick(logp):
@@ -260,14 +252,14 @@ class VLM(nn.Module):
             toks = torch.cat([toks[src], tok[:, None]], dim=1)  # (B*W, t+1)
             if return_attn:  # the attention of the position that chose tok (an EOS step's is never kept)
                 maps = torch.cat([maps[src], attn[src, None]], dim=1)  # (B*W, t+1, L, n_vis)
-            # done when no live beam can beat the best finished one: a sum only falls, len**lp grows to max_new
-            bound = (score[:, 0] / max_new ** lp).tolist()
+            # the best a live beam can still reach: its sum only falls, len**lp (lp > 0) grows until max_new
+            bound = (score[:, 0] / (max_new if lp > 0 else 1) ** lp).tolist()
             done = [d or (h is not None and x <= h[0]) for d, h, x in zip(done, best, bound)]
             if all(done) or t == max_new - 1:
                 break
             cache = cache[:, :, src]  # row i of the new cache is row src[i] of the old one
             logp, attn = self._decode(None, tok[:, None], cache, cfg.n_vis + 1 + t, return_attn)
-        for b, s in enumerate(bound):  # the live beams at max_new: they are ranked, so beam 0 is the best
-            finish(b, s, b * W)
+        for b, s in enumerate((score[:, 0] / max_new ** lp).tolist()):  # at max_new live beams compete too;
+            finish(b, s, b * W)  # they are ranked, so beam 0 is their best
         seqs = [h[1] for h in best]
         return (seqs, [h[2] for h in best]) if return_attn else seqs
