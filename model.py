@@ -177,8 +177,8 @@ class VLM(nn.Module):
         the last position's next-token log-probs (B,V) and, if need_attn, its image attention (B,L,n_vis)."""
         x = self._embed(vis, ids, start)  # (B, T, 128)
         maps = []
-        for i, block in enumerate(self.blocks):
-            x, w = block(x, cache[:, i], start, need_attn)  # cache[:, i] is a view: writes land in cache
+        for block, kv in zip(self.blocks, cache.split(2)):  # views of each layer's keys and values
+            x, w = block(x, kv, start, need_attn)
             if need_attn:
                 maps.append(w[:, :, 0, :self.config.n_vis].float().mean(dim=1))  # (B, n_vis), heads averaged
         logits = self.lm_head(self.ln_f(x[:, -1]))  # (B, V)
@@ -189,7 +189,7 @@ class VLM(nn.Module):
         cfg, B = self.config, images.size(0)
         if not 1 <= max_new <= cfg.max_seq:
             raise ValueError(f"model: max_new must be in 1..{cfg.max_seq} (max_seq), got {max_new}")
-        shape = (2, cfg.n_layers, B, cfg.n_heads, cfg.n_vis + cfg.max_seq, cfg.d_model // cfg.n_heads)
+        shape = (2 * cfg.n_layers, B, cfg.n_heads, cfg.n_vis + cfg.max_seq, cfg.d_model // cfg.n_heads)
         cache = torch.zeros(shape, device=images.device, dtype=self.tok_emb.weight.dtype)
         bos = images.new_full((B, 1), cfg.bos_id, dtype=torch.long)  # (B, 1)
         return (cache, *self._decode(self.vis_enc(images), bos, cache, 0, need_attn))
@@ -257,7 +257,7 @@ class VLM(nn.Module):
             done = [d or (h is not None and x <= h[0]) for d, h, x in zip(done, best, bound)]
             if all(done) or t == max_new - 1:
                 break
-            cache = cache[:, :, src]  # row i of the new cache is row src[i] of the old one
+            cache = cache.index_select(1, src)  # row i of the new cache is row src[i] of the old one
             logp, attn = self._decode(None, tok[:, None], cache, cfg.n_vis + 1 + t, return_attn)
         for b, s in enumerate((score[:, 0] / max_new ** lp).tolist()):  # at max_new live beams compete too;
             finish(b, s, b * W)  # they are ranked, so beam 0 is their best
