@@ -177,7 +177,7 @@ class VLM(nn.Module):
         the last position's next-token log-probs (B,V) and, if need_attn, its image attention (B,L,n_vis)."""
         x = self._embed(vis, ids, start)  # (B, T, 128)
         maps = []
-        for block, kv in zip(self.blocks, cache.split(2)):  # views of each layer's keys and values
+        for block, kv in zip(self.blocks, cache.split(2)):  # layer i: rows 2i, 2i+1 (keys, values), views
             x, w = block(x, kv, start, need_attn)
             if need_attn:
                 maps.append(w[:, :, 0, :self.config.n_vis].float().mean(dim=1))  # (B, n_vis), heads averaged
