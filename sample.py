@@ -7,10 +7,8 @@ sample.py: caption your own images with a trained SupraVL-Nano, see where it loo
     python sample.py --eval test --data shapes --json test.json
     python sample.py --eval test --data-dir ../shared/flickr8k --prep-dir data/flickr8k-small
 
---ckpt (default out/ckpt.pt): train.py's ckpt.pt, or a folder in the published layout
-(model.safetensors or model.pt, config.json, tokenizer.json) such as train.py's out/ or the published
-SupraVL-Nano-900k folder itself (checkpoint.load_model reads every form). The captioning and the
-scores live in scores.py; this file is the command line and the attention picture.
+--ckpt (default out/ckpt.pt): train.py's ckpt.pt or a folder in the published layout, such as train.py's
+out/ or SupraVL-Nano-900k itself (checkpoint.load_model reads every form). Captions and scores: scores.py.
 Left out: batching across --img calls, a server, image URLs.
 """
 import argparse
@@ -30,11 +28,10 @@ from common import UserError, add_data_flags, atomic_write, check_flags, cli, pi
 
 
 def word_attention(tok, ids, attn):
-    """[(word, (n_vis,) attention), ...] for one generated caption. attn (len(ids), n_layers, n_vis)
-    is averaged over LAYERS (steadier than any one of three), and over the BPE pieces of each word,
-    so the picture shows words: token k belongs to word len(decode(ids[:k+1]).split()) - 1."""
+    """[(word, (n_vis,) attention), ...] for one caption: attn (len(ids), n_layers, n_vis) averaged over the
+    layers (steadier than any one of three) and over each word's BPE pieces, so the picture shows words."""
     maps = attn.float().mean(1)  # (T, n_vis)
-    owner = [max(len(tok.decode(ids[:k + 1]).split()) - 1, 0) for k in range(len(ids))]
+    owner = [max(len(tok.decode(ids[:k + 1]).split()) - 1, 0) for k in range(len(ids))]  # token k's word
     return [(word, maps[[k for k, o in enumerate(owner) if o == w]].mean(0) if w in owner
              else torch.zeros(maps.size(1))) for w, word in enumerate(tok.decode(ids).split())]
 
