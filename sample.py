@@ -63,12 +63,17 @@ def draw_attention(image_uint8, words_maps, path):
         canvas.save(f, format="PNG")
 
 
+def generation(args, device):
+    """--strategy and its settings, as scores.caption takes them (--seed makes top-k repeatable)."""
+    seeded = torch.Generator(device).manual_seed(args.seed) if args.seed is not None else None
+    return dict(strategy=args.strategy, beam_width=args.beam_width, length_penalty=args.length_penalty,
+                temperature=args.temperature, top_k=args.top_k, batch_size=args.batch_size, generator=seeded)
+
+
 def caption_files(args, model, tok, device):
     """Print PATH<TAB>caption (num_samples lines) for every readable image, a batch at a time so the
     first lines come at once; an unreadable one gets an error line instead. Returns how many failed."""
-    opts = dict(strategy=args.strategy, beam_width=args.beam_width, length_penalty=args.length_penalty,
-                temperature=args.temperature, top_k=args.top_k, batch_size=args.batch_size,
-                generator=torch.Generator(device).manual_seed(args.seed) if args.seed is not None else None)
+    opts = generation(args, device)
     failed = 0
     for start in range(0, len(args.img), args.batch_size):
         batch = []  # (position in --img, path, image) for the readable ones
@@ -94,14 +99,13 @@ def caption_files(args, model, tok, device):
     return failed
 
 
-def run_eval(args, model, tok):
+def run_eval(args, model, tok, device):
     """Score a whole split; the scores go to stdout (and --json), data.prepare's log to stderr."""
     size = model.config.img_size
     prep_dir = data.prepare(args.data, args.data_dir, size, log=lambda m: print(m, file=sys.stderr),
                             prep_dir=args.prep_dir)
-    r = scores.score_split(model, tok, data.load_split(prep_dir, args.eval, size), args.data, args.eval,
-                           strategy=args.strategy, beam_width=args.beam_width, batch_size=args.batch_size,
-                           length_penalty=args.length_penalty)
+    split = data.load_split(prep_dir, args.eval, size)
+    r = scores.score_split(model, tok, split, args.data, args.eval, **generation(args, device))
     ms = r["ms_per_caption"]
     print(f"{args.data} {args.eval}: {r['n_images']} images, {args.strategy} search in batches of "
           f"{args.batch_size}: {ms:.1f} ms per caption ({1000 / ms:.1f} captions/s)")
@@ -149,7 +153,7 @@ def main(argv=None):
     device = pick_device(args.device)
     model, tok = load_model(args.ckpt, device)
     if args.eval:
-        return run_eval(args, model, tok)
+        return run_eval(args, model, tok, device)
     return 2 if caption_files(args, model, tok, device) else 0
 
 

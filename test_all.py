@@ -1525,6 +1525,11 @@ def test_cli_eval_on_tiny_shapes_writes_json(saved, tmp_path):
             "--prep-dir", tmp_path / "shapes", "--strategy", "greedy")
     assert r.returncode == 0, r.stderr
     assert "12 images" in r.stdout and not (tmp_path / "absent").exists()
+    # top-k scoring takes --temperature and --seed too: a seed repeats its scores, another seed differs
+    topk = ["--ckpt", root / "export", "--eval", "val", "--data", "shapes", "--data-dir", tmp_path / "shapes",
+            "--strategy", "topk", "--temperature", 5, "--device", "cpu", "--seed"]
+    first, again, other = (run(*topk, seed).stdout.splitlines()[1:] for seed in (3, 3, 4))
+    assert first == again and first != other
 
 
 # ==================================================================================================
