@@ -88,12 +88,15 @@ def device_problem(name):
 
 def pick_device(name="auto"):
     """"auto": cuda, else mps, else cpu, whichever first works; a named device must work."""
-    for kind in ["cuda", "mps"] if name == "auto" else [name]:
+    if name != "auto":
+        problem = device_problem(name)
+        if problem:
+            raise UserError(f"--device {name}: {problem}")
+        return name
+    for kind in ("cuda", "mps"):
         problem = device_problem(kind)
         if problem is None:
             return kind
-        if name != "auto":
-            raise UserError(f"--device {name}: {problem}")
         if problem != "not available here":  # there is a GPU, but it does not work: say so, once
             print(f"note: {kind} {problem}; using the cpu", file=sys.stderr)
     return "cpu"
