@@ -53,6 +53,7 @@ def read_safetensors(path):
         size = os.fstat(f.fileno()).st_size
         check(size >= 8, f"only {size} bytes")
         (n,) = struct.unpack("<Q", f.read(8))
+        # the header fits in the file, and in 100 MB, the safetensors library's own cap (ours is ~5 KB)
         check(n <= min(size - 8, 100 * 2 ** 20), f"header length {n} goes beyond the file's {size} bytes")
         head, blob = f.read(n), f.read()  # blob: the data the file holds, whatever the header claims
     try:
