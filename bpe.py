@@ -178,7 +178,6 @@ class Tokenizer:
         self.vocab_size = len(vocab) + len(specials)
         self.ids_of = {s: i for i, s in vocab.items()}
         self.pad_id, self.bos_id, self.eos_id = (specials.get(s, self.ids_of.get(s)) for s in SPECIALS)
-        self.byte_ids = [self.ids_of.get(BYTE_TO_CHAR[b]) for b in range(256)]
         # pair -> (rank, id of the merged token); encode merges the lowest rank first
         self.ranks = {p: (r, self.ids_of[vocab[p[0]] + vocab[p[1]]]) for r, p in enumerate(merges)}
         self.cache = {}  # word -> ids; captions reuse a few thousand words over and over

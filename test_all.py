@@ -36,7 +36,7 @@ import data
 import sample
 import scores
 import train
-from bpe import SPECIALS, Tokenizer
+from bpe import BYTE_TO_CHAR, SPECIALS, Tokenizer
 from common import UserError
 from model import Config, VLM
 
@@ -98,7 +98,7 @@ def test_decode_drops_specials_and_never_raises(tok):
     ids = tok.encode("a dog 😀")
     assert tok.decode([tok.bos_id] + ids + [tok.eos_id, tok.pad_id]) == "a dog 😀"
     assert tok.decode([10**9, -1]) == ""  # unknown ids are skipped
-    emoji_bytes = [tok.byte_ids[b] for b in "😀".encode()]
+    emoji_bytes = [tok.ids_of[BYTE_TO_CHAR[b]] for b in "😀".encode()]  # its 4 byte tokens
     assert tok.decode(emoji_bytes[:2]) == "\ufffd"
 
 
