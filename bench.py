@@ -22,7 +22,6 @@ from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
 import bpe
-import checkpoint
 import common
 import data
 import scores
@@ -165,7 +164,7 @@ def bench_sampling(quick):
         torch.manual_seed(0)
         tok = bpe.Tokenizer.train(["a red circle", "a small blue square above a large red circle"], 300)
         model = VLM(Config(vocab_size=tok.vocab_size))
-        checkpoint.save_pretrained(tmp, model, tok)
+        common.save_pretrained(tmp, model, tok)
         img = os.path.join(tmp, "x.png")
         Image.new("RGB", (112, 112)).save(img)
         cmd = [sys.executable, "sample.py", "--ckpt", tmp, "--img", img, "--device", "cpu"]

@@ -1,26 +1,26 @@
 """
-common.py: the plumbing every script shares, written once: one-line errors, atomic writes, the status line,
-devices and precision, processes, flags, downloads that resume and retry, zip archives extracted safely.
+common.py: the plumbing the chapters share, written once: one-line errors and atomic writes, devices and
+precision, the dataset flags, and a model's files: torch checkpoints that run no code, safetensors by hand,
+the published layout (load_model reads every form SupraVL-Nano-900k's tools wrote), a run's folder.
 
-Checkpoints and the published layout are checkpoint.py's. Left out: proxies, checksums, other archives.
-Tests: python -m pytest -q test_all.py -k "flags or device or download or archive or failed_write"
+Left out: sharded checkpoints, remote model hubs, pickled Python objects of any kind.
+Tests: python -m pytest -q test_all.py -k "flags or device or safetensors or load_model or published or resume"
 """
 import contextlib
 import ctypes
+import json
+import math
 import os
-import re
-import shutil
+import struct
 import sys
 import time
 import warnings
-import zipfile
-import zlib
 
-import requests
 import torch
-import torch.distributed as dist
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from bpe import Tokenizer
+from model import VLM, Config
 
 class UserError(Exception):
     """A problem the user can fix: a bad flag, file, folder or URL. The message names it, in one line."""
@@ -67,7 +67,7 @@ def progress(text, end=False):
         _progress.update(open=not end, shown=time.time())
 
 
-# ----------------------------------------------------------------------------- devices, precision, processes
+# ----------------------------------------------------------------------------- devices and precision
 
 def device_problem(name):
     """None when a tensor can be made on device `name`, else why not, in a few words."""
@@ -135,40 +135,6 @@ def precision(device, dtype):
         yield
 
 
-def setup(args):
-    """(device, dtype, rank, world, log), and torchrun's process group; only rank 0 logs."""
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    log = print if rank == 0 else (lambda *a, **k: None)
-    local = int(os.environ.get("LOCAL_RANK", 0))
-    if world > 1 and args.device in ("auto", "cuda") and torch.cuda.is_available():
-        torch.cuda.set_device(local)  # before the first CUDA call, or every process opens one on GPU 0
-    device = pick_device(args.device)
-    device = f"cuda:{local}" if device == "cuda" and world > 1 else device
-    if world > 1:
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    if device == "cpu":
-        keep_freed_memory()
-    if device.startswith("cuda"):
-        torch.backends.cudnn.benchmark = True  # the shapes barely change: let cuDNN time its kernels once
-    dtype, why = pick_dtype(args.dtype, device)
-    log(f"device {device}, {str(dtype)[6:]} ({why}), {world} process{'es' if world > 1 else ''}")
-    return device, dtype, rank, world, log
-
-
-STOP = []  # train.py's Ctrl-C handler appends True: stop at the next step boundary
-
-
-def stop_requested(step, every, world, device):
-    """Ranks agree on STOP every `every` steps: all stop at one step, none left waiting in the all-reduce."""
-    if world == 1:
-        return bool(STOP)
-    if step % every:
-        return False
-    flag = torch.tensor([float(bool(STOP))], device=device)
-    dist.all_reduce(flag)
-    return flag.item() > 0
-
-
 # ----------------------------------------------------------------------------- flags
 
 def add_data_flags(parser, default):
@@ -186,69 +152,221 @@ def check_flags(args, rules):
             raise UserError(f"{flag} {getattr(args, flag[2:].replace('-', '_'))}: must be {allowed}")
 
 
-# ----------------------------------------------------------------------------- downloads and archives
+# ----------------------------------------------------------------------------- checkpoints: torch files
 
-def download(url, dest, advice, retries=4, backoff=1.0, timeout=(10, 60)):
-    """Streams url to dest via dest.part, which the next try resumes; dest appears only when whole. HTTP 5xx,
-    a dropped link or a short body is retried 1, 2, 4, 8 s later; else a UserError that ends with `advice`."""
-    part, why = dest + ".part", None
-    for attempt in range(retries + 1):
-        if attempt:
-            time.sleep(backoff * 2 ** (attempt - 1))  # give a flaky link time to recover
-        have = os.path.getsize(part) if os.path.exists(part) else 0
-        try:
-            with requests.get(url, headers={"Range": f"bytes={have}-"} if have else {}, stream=True,
-                              timeout=timeout) as r:
-                if 400 <= r.status_code < 500 and r.status_code != 416:  # a wrong URL: retrying will not help
-                    raise UserError(f"{url}: HTTP {r.status_code} {r.reason}; {advice}")
-                starts_at_have = r.headers.get("Content-Range", "").startswith(f"bytes {have}-")
-                resumed = r.status_code == 206 and starts_at_have
-                if r.status_code in (206, 416) and not resumed:  # our .part is no prefix the server knows
-                    os.remove(part)
-                if r.status_code != 200 and not resumed:  # a 5xx, or the bad range above: try again
-                    why = f"HTTP {r.status_code}"
-                    continue
-                length = r.headers.get("Content-Length", "")  # a 200 sends the whole file, from byte 0
-                total = (have if resumed else 0) + int(length) if length.isdigit() else None
-                of = f" of {total / 1e6:.1f}" if total else ""
-                with open(part, "ab" if resumed else "wb") as f:
-                    for chunk in r.iter_content(1 << 16):
-                        f.write(chunk)
-                        progress(f"  {os.path.basename(dest)}: {f.tell() / 1e6:.1f}{of} MB")
-        except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as e:
-            why = type(e).__name__
-            continue
-        except requests.RequestException as e:  # a bad URL and the like: retrying will not help
-            raise UserError(f"{url}: {type(e).__name__}; {advice}") from None
-        got = os.path.getsize(part)
-        if total is None or got == total:
-            progress(f"  {os.path.basename(dest)}: {got / 1e6:.1f} MB downloaded", end=True)
-            os.replace(part, dest)
-            return dest
-        why = f"got {got} of {total} bytes"
-    raise UserError(f"{url}: download failed after {retries + 1} tries ({why}); {advice}")
-
-
-def extract_zip(path, dest_dir):
-    """path into dest_dir, all or nothing: refused if an entry is absolute or has '..', removed if corrupt."""
-    tmp = os.path.join(dest_dir, ".extract.tmp")  # nothing moves into place until all of it is out
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+def load_torch(path):
+    """torch.load with weights_only=True (tensors, numbers, strings, never code); a failure is one line."""
+    if not os.path.exists(path):
+        raise UserError(f"{path}: no such checkpoint file or folder")
+    with open(path, "rb") as f:
+        if f.read(4) != b"PK\x03\x04":  # torch.save writes a zip archive
+            raise UserError(f"{path}: not a PyTorch checkpoint (not a zip archive as torch.save writes)")
     try:
-        with zipfile.ZipFile(path) as zf:
-            for info in zf.infolist():
-                name, base = info.filename, os.path.basename(info.filename.rstrip("/"))
-                if re.match(r"[/\\]|[A-Za-z]:", name) or ".." in re.split(r"[/\\]", name):
-                    raise UserError(f"{path}: unsafe entry {name!r} (absolute or '..'); archive refused")
-                if not (name.startswith("__MACOSX/") or base.startswith("._") or base == ".DS_Store"):
-                    zf.extract(info, tmp)  # reading checks each entry's CRC
-        for entry in os.listdir(tmp):
-            target = os.path.join(dest_dir, entry)
-            if os.path.isdir(target):
-                shutil.rmtree(target)
-            os.replace(os.path.join(tmp, entry), target)
-    except (zipfile.BadZipFile, zlib.error, EOFError) as e:
-        os.remove(path)
-        raise UserError(f"{path}: corrupt archive ({e}); removed it, run again to download it again") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, foreign pickle, random bytes: torch raises many kinds
+        first = str(e).split("\n")[0].split(". ")[0][:120]  # torch's messages run on for lines
+        raise UserError(f"{path}: not a readable PyTorch checkpoint ({first})") from None
+
+
+def save_torch(path, obj):
+    with atomic_write(path) as f:
+        torch.save(obj, f)
+
+# ----------------------------------------------------------------------------- checkpoints: safetensors, by hand
+# Layout: 8-byte little-endian header length N, N bytes of JSON {name: {dtype, shape, data_offsets}} (and
+# "__metadata__") padded with spaces to a multiple of 8, then the tensor bytes; data_offsets count from there.
+
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+          "U8": torch.uint8, "BOOL": torch.bool}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+def write_safetensors(path, tensors, metadata=None):
+    header = {"__metadata__": {str(k): str(v) for k, v in metadata.items()}} if metadata else {}
+    blobs, offset = [], 0
+    for name, t in tensors.items():
+        t = t.detach().cpu().contiguous()
+        raw = t.reshape(-1).view(torch.uint8).numpy().tobytes()  # any dtype as its bytes (little-endian host)
+        header[name] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + len(raw)]}
+        blobs.append(raw)
+        offset += len(raw)
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the tensors start 8-byte aligned
+    with atomic_write(path) as f:
+        f.write(struct.pack("<Q", len(text)) + text + b"".join(blobs))
+
+
+def read_safetensors(path):
+    """{name: tensor}; every size is checked against the bytes really in the file before anything is made."""
+    def check(ok, why):
+        if not ok:
+            raise UserError(f"{path}: not a valid safetensors file: {why}")
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        check(size >= 8, f"only {size} bytes")
+        (n,) = struct.unpack("<Q", f.read(8))
+        # the header fits in the file, and in 100 MB, the safetensors library's own cap (ours is ~5 KB)
+        check(n <= min(size - 8, 100 * 2 ** 20), f"header length {n} goes beyond the file's {size} bytes")
+        head, blob = f.read(n), f.read()  # blob: the data the file holds, whatever the header claims
+    try:
+        header = json.loads(head)
+    except ValueError:  # also UnicodeDecodeError
+        check(False, "header is not JSON")
+    check(isinstance(header, dict), "header is not a JSON object")
+    header.pop("__metadata__", None)  # free-form strings, e.g. {"format": "pt"}
+    spans, end = [], 0
+    for name, info in header.items():
+        info = info if isinstance(info, dict) else {}
+        dtype, shape, offsets = DTYPES.get(info.get("dtype")), info.get("shape"), info.get("data_offsets")
+        a, b = offsets if isinstance(offsets, list) and len(offsets) == 2 else (None, None)
+        check(dtype is not None, f"tensor {name!r} has unknown dtype {info.get('dtype')!r}")
+        check(isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape),
+              f"tensor {name!r} has shape {shape!r}, not a list of sizes")
+        check(type(a) is int and type(b) is int and 0 <= a <= b <= len(blob),
+              f"tensor {name!r} has data_offsets {[a, b]} outside the {len(blob)} data bytes")
+        need = math.prod(shape) * dtype.itemsize
+        check(b - a == need, f"tensor {name!r}: shape {shape} needs {need} bytes, data_offsets give {b - a}")
+        spans.append((a, b, name, dtype, shape))
+    for a, b, name, _, _ in sorted(spans, key=lambda s: s[:2]):
+        check(a == end, f"tensor {name!r} starts at byte {a}, expected {end}")  # no gaps, no overlaps
+        end = b
+    check(end == len(blob), f"{len(blob) - end} bytes after the last tensor")
+    return {name: (torch.frombuffer(bytearray(blob[a:b]), dtype=dtype) if b > a  # frombuffer refuses 0 bytes
+                   else torch.empty(0, dtype=dtype)).reshape(shape) for a, b, name, dtype, shape in spans}
+
+
+# ----------------------------------------------------------------------------- the published layout
+
+# config.json: the nine Config fields in upper case (D_MODEL); the token ids also under Hugging Face's names.
+CONFIG_FIELDS = ("d_model", "n_heads", "n_layers", "d_ff", "vis_ch", "n_vis", "vocab_size", "max_seq",
+                 "img_size")
+TOKEN_IDS = {"bos_id": "bos_token_id", "eos_id": "eos_token_id", "pad_id": "pad_token_id"}
+
+
+def save_pretrained(out_dir, model, tok):
+    """model.safetensors (the tied head under both names, for strict loaders), config.json, tokenizer.json."""
+    os.makedirs(out_dir, exist_ok=True)
+    write_safetensors(os.path.join(out_dir, "model.safetensors"), model.state_dict(), {"format": "pt"})
+    config = {field.upper(): getattr(model.config, field) for field in CONFIG_FIELDS}
+    config.update({hf_key: getattr(model.config, field) for field, hf_key in TOKEN_IDS.items()})
+    with atomic_write(os.path.join(out_dir, "config.json"), "w") as f:
+        f.write(json.dumps(config, indent=2) + "\n")
+    tok.save(os.path.join(out_dir, "tokenizer.json"))
+
+
+def read_config_json(path, tok):
+    """Config fields from config.json; a token id it lacks is the tokenizer's, else Config's (the seed's)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            published = json.load(f)
+        fields = {field: published[field.upper()] for field in CONFIG_FIELDS}
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{path}: not a SupraVL config ({type(e).__name__}: {e})") from None
+    for field, hf_key in TOKEN_IDS.items():
+        found = [published.get(field.upper()), published.get(hf_key), getattr(tok, field)]
+        fields[field] = next((i for i in found if i is not None), getattr(Config, field))
+    return fields
+
+
+def read_checkpoint(path):
+    """(weights, Config fields, their file, tokenizer): in a ckpt.pt, or in the files beside the weights."""
+    folder = path if os.path.isdir(path) else os.path.dirname(path)
+    weights_file = next((os.path.join(path, n) for n in ("model.safetensors", "model.pt")
+                         if os.path.isfile(os.path.join(path, n))), path)
+    if os.path.isdir(weights_file):
+        raise UserError(f"{path}: no model.safetensors or model.pt (beside config.json, tokenizer.json)")
+    ckpt = read_safetensors(weights_file) if weights_file.endswith(".safetensors") else load_torch(weights_file)
+    if not isinstance(ckpt, dict):
+        raise UserError(f"{weights_file}: not a SupraVL checkpoint (not a dict of weights)")
+    held = [ckpt[k] for k in ("model", "model_state_dict", "state_dict") if isinstance(ckpt.get(k), dict)]
+    weights = held[0] if held else ckpt  # the optimizer and scheduler state beside them: not needed
+    if not weights or not all(isinstance(v, torch.Tensor) for v in weights.values()):
+        raise UserError(f"{weights_file}: not a SupraVL checkpoint (no weights, nor model/state_dict of them)")
+    if isinstance(ckpt.get("tokenizer"), str) and isinstance(ckpt.get("config"), dict):
+        return weights, ckpt["config"], weights_file, Tokenizer.from_json(ckpt["tokenizer"], weights_file)
+    for name in ("config.json", "tokenizer.json"):
+        if not os.path.isfile(os.path.join(folder, name)):
+            raise UserError(f"{path}: no {name} beside the weights (a published folder holds "
+                            "model.safetensors or model.pt, config.json, tokenizer.json)")
+    tok = Tokenizer.load(os.path.join(folder, "tokenizer.json"))
+    config_path = os.path.join(folder, "config.json")
+    return weights, read_config_json(config_path, tok), config_path, tok
+
+
+def load_model(path, device="cpu"):
+    """(model in eval mode on device, tokenizer) from a ckpt.pt, a published folder, or a model.pt."""
+    try:
+        weights, fields, where, tok = read_checkpoint(path)
+    except ValueError as e:  # bpe's errors; they name their file
+        raise UserError(str(e)) from None
+    # the seed's code stores its causal masks as buffers: not weights, and ours builds no such buffer
+    weights = {k: v for k, v in weights.items() if not k.endswith(".attn.mask")}
+    emb = weights.get("tok_emb.weight")
+    if emb is not None:  # the head is tok_emb, as the seed's code re-ties it after loading
+        if not torch.equal(weights.get("lm_head.weight", emb), emb):
+            print(f"note: {path}: lm_head.weight differs from tok_emb.weight; the head is tied to "
+                  "tok_emb.weight, as the published code does", file=sys.stderr)
+        weights["lm_head.weight"] = emb
+    held = sum(v.numel() for v in weights.values())
+    try:
+        c = Config(**fields)
+        # its largest matrices must fit in the weights held: a config.json claiming D_MODEL = 10**6 is refused
+        d = c.d_model
+        if max(c.vocab_size * d, (c.n_vis + c.max_seq) * d, c.n_layers * d * c.d_ff, c.vis_ch ** 2) > held:
+            raise ValueError(f"it describes a bigger model than the {held} weights hold")
+        model = VLM(c)
+    except (ValueError, TypeError, RuntimeError) as e:
+        raise UserError(f"{where}: bad config ({e})") from None
+    want = model.state_dict()
+    problems = {"missing weights": [k for k in want if k not in weights],
+                "unknown weights": [k for k in weights if k not in want],
+                "wrong shapes": [f"{k} {tuple(v.shape)} not {tuple(want[k].shape)}"
+                                 for k, v in weights.items() if k in want and v.shape != want[k].shape]}
+    for what, names in problems.items():
+        if names:  # one line, whatever is wrong
+            raise UserError(f"{where}: {what}: {', '.join(names[:3])}" + (" ..." if len(names) > 3 else ""))
+    if tok.vocab_size > c.vocab_size:
+        raise UserError(f"{path}: tokenizer has {tok.vocab_size} ids, the model only {c.vocab_size}")
+    model.load_state_dict(weights, strict=True)
+    return model.to(device).eval(), tok
+
+
+# ----------------------------------------------------------------------------- a run's folder
+
+RUN_FILES = ("ckpt.pt", "best.pt", "loss.png", "model.safetensors", "config.json", "tokenizer.json",
+             "eval.json")
+
+
+def check_out_dir(args, log):
+    """A run never silently replaces another. Returns the checkpoint to resume, or None."""
+    ckpt = os.path.join(args.out_dir, "ckpt.pt")
+    if args.resume:
+        if not os.path.isfile(ckpt):
+            raise UserError(f"{ckpt}: no checkpoint to resume (train without --resume first)")
+        state = load_torch(ckpt)
+        log(f"resuming {ckpt} at step {state['step']}")
+        return state
+    found = [n for n in RUN_FILES if os.path.exists(os.path.join(args.out_dir, n))]
+    if found and not args.overwrite:
+        held = load_torch(ckpt) if "ckpt.pt" in found else None
+        what = f"{held['settings']['data']}, step {held['step']}" if held else ", ".join(found)
+        raise UserError(f"{args.out_dir} already holds a run ({what}): continue it with --resume, "
+                        "choose another --out-dir, or replace it with --overwrite")
+    for name in found:  # --overwrite: the old run goes as a whole, so the folder never mixes two runs
+        os.remove(os.path.join(args.out_dir, name))
+    os.makedirs(args.out_dir, exist_ok=True)
+
+
+def adopt_settings(args, state, fixed, log):
+    """--resume: the checkpoint's settings; a flag given again wins (logged), or must match if in `fixed`."""
+    for key, saved in state["settings"].items():
+        given = getattr(args, key)
+        if key not in args.given or given == saved:
+            setattr(args, key, saved)
+        elif key in fixed:
+            raise UserError(f"--{key.replace('_', '-')} {given}: {args.out_dir}/ckpt.pt was trained with "
+                            f"{saved}; drop the flag to resume it, or start a new run in another --out-dir")
+        else:
+            log(f"resuming with --{key.replace('_', '-')} {given} instead of {saved}")

@@ -8,7 +8,7 @@ sample.py: caption your own images with a trained SupraVL-Nano, see where it loo
     python sample.py --eval test --data-dir ../shared/flickr8k --prep-dir data/flickr8k-small
 
 --ckpt (default out/ckpt.pt): train.py's ckpt.pt or a folder in the published layout, such as train.py's
-out/ or SupraVL-Nano-900k itself (checkpoint.load_model reads every form). Captions and scores: scores.py.
+out/ or SupraVL-Nano-900k itself (common.load_model reads every form). Captions and scores: scores.py.
 Left out: batching across --img calls, a server, image URLs.
 """
 import argparse
@@ -23,8 +23,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 import data
 import scores
-from checkpoint import load_model
-from common import UserError, add_data_flags, atomic_write, check_flags, cli, pick_device
+from common import UserError, add_data_flags, atomic_write, check_flags, cli, load_model, pick_device
 
 
 def word_attention(tok, ids, attn):

@@ -30,7 +30,6 @@ import pytest
 import torch
 from PIL import Image
 
-import checkpoint
 import common
 import data
 import sample
@@ -951,7 +950,7 @@ def test_download_resumes_after_a_dropped_connection(tmp_path, server_factory):
     body = os.urandom(300_000)
     _, url, seen = server_factory({"big.zip": body}, mode="drop")
     dest = str(tmp_path / "big.zip")
-    common.download(url + "big.zip", dest, data.ADVICE, backoff=0.01)
+    data.download(url + "big.zip", dest, data.ADVICE, backoff=0.01)
     assert open(dest, "rb").read() == body and not os.path.exists(dest + ".part")
     assert seen[0] == ("big.zip", None) and len(seen) == 2
     resumed_at = int(re.match(r"bytes=(\d+)-$", seen[1][1])[1])  # what was on disk when the link broke
@@ -964,7 +963,7 @@ def test_download_restarts_when_the_server_ignores_range(tmp_path, server_factor
     dest = str(tmp_path / "big.zip")
     with open(dest + ".part", "wb") as f:
         f.write(b"stale bytes from another try")  # appending the 200 body to this would corrupt it
-    common.download(url + "big.zip", dest, data.ADVICE, backoff=0.01)
+    data.download(url + "big.zip", dest, data.ADVICE, backoff=0.01)
     assert seen == [("big.zip", "bytes=28-")]
     assert open(dest, "rb").read() == body
 
@@ -972,7 +971,7 @@ def test_download_restarts_when_the_server_ignores_range(tmp_path, server_factor
 def test_http_404_names_the_url_and_cli_exits_2(tmp_path, server_factory):
     _, url, _ = server_factory({})
     with pytest.raises(UserError, match=re.escape(url + "x.zip") + ".*404.*--base-url"):
-        common.download(url + "x.zip", str(tmp_path / "x.zip"), data.ADVICE)
+        data.download(url + "x.zip", str(tmp_path / "x.zip"), data.ADVICE)
     r = subprocess.run([sys.executable, os.path.join(HERE, "data.py"), "--data", "flickr8k",
                         "--data-dir", str(tmp_path / "d"), "--base-url", url],
                        capture_output=True, text=True, timeout=60)
@@ -994,7 +993,7 @@ def test_corrupt_archive_is_named_and_removed(tmp_path, server_factory):
     assert not (d / "Flickr8k_text.zip").exists() and not (d / "Flickr8k.token.txt").exists()
     (d / "not_a.zip").write_bytes(b"PK but not really a zip")
     with pytest.raises(UserError, match="not_a.zip: corrupt archive"):
-        common.extract_zip(str(d / "not_a.zip"), str(d))
+        data.extract_zip(str(d / "not_a.zip"), str(d))
     assert not (d / "not_a.zip").exists()
 
 
@@ -1007,7 +1006,7 @@ def test_unsafe_archive_is_refused_whole(tmp_path, evil):
         zf.writestr(zipfile.ZipInfo(evil), "evil")
     assert evil in zipfile.ZipFile(d / "a.zip").namelist()
     with pytest.raises(UserError, match="unsafe entry"):
-        common.extract_zip(str(d / "a.zip"), str(d))
+        data.extract_zip(str(d / "a.zip"), str(d))
     assert sorted(os.listdir(d)) == ["a.zip"] and sorted(os.listdir(tmp_path)) == ["d"]
 
 
@@ -1260,11 +1259,11 @@ def example_tensors():
 def test_safetensors_round_trip_and_alignment(tmp_path):
     path = str(tmp_path / "t.safetensors")
     tensors = example_tensors()
-    checkpoint.write_safetensors(path, tensors, metadata={"format": "pt"})
+    common.write_safetensors(path, tensors, metadata={"format": "pt"})
     blob = open(path, "rb").read()
     (n,) = struct.unpack("<Q", blob[:8])
     assert n % 8 == 0 and json.loads(blob[8:8 + n])["__metadata__"] == {"format": "pt"}
-    back = checkpoint.read_safetensors(path)
+    back = common.read_safetensors(path)
     assert back.keys() == tensors.keys()
     for k, t in tensors.items():
         assert back[k].dtype == t.dtype and back[k].shape == t.shape and torch.equal(back[k], t)
@@ -1274,11 +1273,11 @@ def test_safetensors_interop_with_the_real_library(tmp_path):
     st = pytest.importorskip("safetensors.torch")
     ours, theirs = str(tmp_path / "ours.safetensors"), str(tmp_path / "theirs.safetensors")
     tensors = example_tensors()
-    checkpoint.write_safetensors(ours, tensors, metadata={"format": "pt"})
+    common.write_safetensors(ours, tensors, metadata={"format": "pt"})
     loaded = st.load_file(ours)
     assert all(torch.equal(loaded[k], t) and loaded[k].dtype == t.dtype for k, t in tensors.items())
     st.save_file(tensors, theirs, metadata={"format": "pt"})
-    loaded = checkpoint.read_safetensors(theirs)
+    loaded = common.read_safetensors(theirs)
     assert all(torch.equal(loaded[k], t) and loaded[k].dtype == t.dtype for k, t in tensors.items())
 
 
@@ -1305,7 +1304,7 @@ def craft(path, header, payload=b"", length=None):
 def test_safetensors_reader_refuses(tmp_path, header, payload, length, why):
     path = craft(tmp_path / "bad.safetensors", header, payload, length)
     with pytest.raises(UserError, match=why) as e:
-        checkpoint.read_safetensors(path)
+        common.read_safetensors(path)
     assert path in str(e.value)
 
 # ----------------------------------------------------------------------------- a tiny model, saved both ways
@@ -1324,13 +1323,13 @@ def saved(tmp_path_factory):
     model = VLM(cfg).eval()
     ckpt = str(root / "ckpt.pt")
     torch.save({"model": model.state_dict(), "config": vars(cfg), "tokenizer": tok.to_json(), "step": 0}, ckpt)
-    checkpoint.save_pretrained(str(root / "export"), model, tok)
+    common.save_pretrained(str(root / "export"), model, tok)
     return root, model, tok
 
 
 def test_load_model_both_forms_agree(saved):
     root, model, tok = saved
-    (m1, t1), (m2, t2) = (checkpoint.load_model(str(root / p)) for p in ("ckpt.pt", "export"))
+    (m1, t1), (m2, t2) = (common.load_model(str(root / p)) for p in ("ckpt.pt", "export"))
     assert not m1.training and m1.config == m2.config == model.config
     for k, v in model.state_dict().items():
         assert torch.equal(m1.state_dict()[k], v) and torch.equal(m2.state_dict()[k], v)
@@ -1368,10 +1367,10 @@ def test_load_model_refuses_bad_checkpoints(saved, tmp_path):
               "keys.pt": "missing weights: ln_f.weight", "shapes.pt": "wrong shapes", "nothing.pt": "no such"}
     for name, why in expect.items():
         with pytest.raises(UserError, match=why):
-            checkpoint.load_model(str(tmp_path / name))
+            common.load_model(str(tmp_path / name))
     (tmp_path / "folder").mkdir()
     with pytest.raises(UserError, match="no model.safetensors"):
-        checkpoint.load_model(str(tmp_path / "folder"))
+        common.load_model(str(tmp_path / "folder"))
     huge = tmp_path / "huge"  # a published folder whose config.json claims a giant model
     huge.mkdir()
     for name in ("model.safetensors", "tokenizer.json"):
@@ -1379,7 +1378,7 @@ def test_load_model_refuses_bad_checkpoints(saved, tmp_path):
     published = json.load(open(root / "export" / "config.json"))
     (huge / "config.json").write_text(json.dumps(dict(published, D_MODEL=10 ** 6)))
     with pytest.raises(UserError, match="bigger model than"):
-        checkpoint.load_model(str(huge))
+        common.load_model(str(huge))
 
 def published_folder(path, model, tok, weights, **config):
     """A folder as the published SupraVL-Nano-900k could be: config.json with the nine keys only."""
@@ -1389,7 +1388,7 @@ def published_folder(path, model, tok, weights, **config):
     (path / "config.json").write_text(json.dumps(nine | config))
     tok.save(str(path / "tokenizer.json"))
     if isinstance(weights, dict):
-        checkpoint.write_safetensors(str(path / "model.safetensors"), weights)
+        common.write_safetensors(str(path / "model.safetensors"), weights)
     else:
         torch.save(weights[0], path / "model.pt")
     return str(path)
@@ -1410,7 +1409,7 @@ def test_the_published_folder_loads_in_every_form(saved, tmp_path, capsys):
     images = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
     expected = scores.caption(model, tok, images, "greedy")
     for form, folder in forms.items():
-        loaded, t = checkpoint.load_model(folder)
+        loaded, t = common.load_model(folder)
         assert all(torch.equal(loaded.state_dict()[k], v) for k, v in want.items()), form
         assert (loaded.config.bos_id, loaded.config.eos_id, loaded.config.pad_id) == (1, 2, 0)  # the tokenizer's
         assert scores.caption(loaded, t, images, "greedy") == expected, form
@@ -1418,7 +1417,7 @@ def test_the_published_folder_loads_in_every_form(saved, tmp_path, capsys):
     # ids in config.json win over the tokenizer's; a different lm_head is overruled by tok_emb, said once
     other_head = want | {"lm_head.weight": torch.randn_like(want["tok_emb.weight"])}
     folder = published_folder(tmp_path / "d", model, tok, other_head, bos_token_id=5, EOS_ID=6, unknown_key=1)
-    loaded, _ = checkpoint.load_model(folder)
+    loaded, _ = common.load_model(folder)
     assert (loaded.config.bos_id, loaded.config.eos_id, loaded.config.pad_id) == (5, 6, 0)
     assert torch.equal(loaded.lm_head.weight, want["tok_emb.weight"])
     err = capsys.readouterr().err
@@ -1430,11 +1429,11 @@ def test_the_published_folder_loads_in_every_form(saved, tmp_path, capsys):
     # still strict about everything else
     extra = published_folder(tmp_path / "e", model, tok, want | {"blocks.0.attn.bias": torch.zeros(3)})
     with pytest.raises(UserError, match="unknown weights: blocks.0.attn.bias"):
-        checkpoint.load_model(extra)
+        common.load_model(extra)
     nine = json.load(open(tmp_path / "a" / "config.json"))
     (tmp_path / "a" / "config.json").write_text(json.dumps({k: v for k, v in nine.items() if k != "D_FF"}))
     with pytest.raises(UserError, match="config.json: not a SupraVL config .*D_FF"):
-        checkpoint.load_model(str(tmp_path / "a"))
+        common.load_model(str(tmp_path / "a"))
 
 
 # ----------------------------------------------------------------------------- the command line
@@ -1611,7 +1610,7 @@ def test_run_writes_the_published_layout(uninterrupted):
     assert ckpt["step"] == 60 and not any(k.startswith("_orig_mod") for k in ckpt["model"])
     assert {"bleu1", "bleu4", "cider", "exact_match"} <= result.keys()
     # the folder is what sample.py loads, strictly, with the same weights
-    model, tok = checkpoint.load_model(str(out))
+    model, tok = common.load_model(str(out))
     assert_same_weights(model.state_dict(), ckpt["model"])
     st = pytest.importorskip("safetensors.torch")
     assert_same_weights(st.load_file(str(out / "model.safetensors")), model.state_dict())
@@ -1875,7 +1874,7 @@ def test_real_flickr8k_photos_end_to_end(tmp_path):
             "--out-dir", str(tmp_path / "out"), "--device", "cpu", "--max-steps", "3", "--batch-size", "8"]
     result = train.train(train.get_args(args))
     assert result["n_images"] == 38 and result["exact_match"] is None  # the 38 val photos present
-    model, tok = checkpoint.load_model(str(tmp_path / "out"))
+    model, tok = common.load_model(str(tmp_path / "out"))
     assert tok.vocab_size == 2048 and model.config.vocab_size == 2048
 
 
@@ -1887,7 +1886,7 @@ def test_cuda_mixed_precision_run_and_captions(shapes_dir, tmp_path, dtype):
                                                   "--max-steps", "6")))
     assert result["n_images"] == 16
     assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["settings"]["dtype"] == dtype
-    model, tok = checkpoint.load_model(str(tmp_path), "cuda")
+    model, tok = common.load_model(str(tmp_path), "cuda")
     split = data.load_split(str(shapes_dir), "test")
     captions = scores.caption(model, tok, split.images[:4])  # GPU and CPU numerics may differ: no equality
     assert len(captions) == 4 and all(isinstance(c, str) for c in captions)

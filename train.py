@@ -35,9 +35,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import data
 import scores
 from bpe import Tokenizer
-from checkpoint import RUN_FILES, adopt_settings, check_out_dir, load_torch, save_pretrained, save_torch
-from common import (STOP, UserError, add_data_flags, atomic_write, check_flags, cli, precision, setup,
-                    stop_requested)
+from common import (RUN_FILES, UserError, add_data_flags, adopt_settings, atomic_write, check_flags, check_out_dir,
+                    cli, keep_freed_memory, load_torch, pick_device, pick_dtype, precision, save_pretrained,
+                    save_torch)
 from model import VLM, Config
 
 # Flickr8k: the card's recipe but for the peak lr: on the real photos at hand, 1e-3 reached a lower
@@ -361,7 +361,41 @@ def main(argv=None):
 
 
 # -----------------------------------------------------------------------------
-# Robustness and speed: devices and precision, processes, the output folder, resuming
+# Robustness and speed: devices and processes, Ctrl-C, the data on every rank
+
+def setup(args):
+    """(device, dtype, rank, world, log), and torchrun's process group; only rank 0 logs."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    log = print if rank == 0 else (lambda *a, **k: None)
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    if world > 1 and args.device in ("auto", "cuda") and torch.cuda.is_available():
+        torch.cuda.set_device(local)  # before the first CUDA call, or every process opens one on GPU 0
+    device = pick_device(args.device)
+    device = f"cuda:{local}" if device == "cuda" and world > 1 else device
+    if world > 1:
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    if device == "cpu":
+        keep_freed_memory()
+    if device.startswith("cuda"):
+        torch.backends.cudnn.benchmark = True  # the shapes barely change: let cuDNN time its kernels once
+    dtype, why = pick_dtype(args.dtype, device)
+    log(f"device {device}, {str(dtype)[6:]} ({why}), {world} process{'es' if world > 1 else ''}")
+    return device, dtype, rank, world, log
+
+
+STOP = []  # the Ctrl-C handler (main) appends True: stop at the next step boundary
+
+
+def stop_requested(step, every, world, device):
+    """Ranks agree on STOP every `every` steps: all stop at one step, none left waiting in the all-reduce."""
+    if world == 1:
+        return bool(STOP)
+    if step % every:
+        return False
+    flag = torch.tensor([float(bool(STOP))], device=device)
+    dist.all_reduce(flag)
+    return flag.item() > 0
+
 
 def prepare_data(args, rank, world, log):
     """Rank 0 prepares (it may download ~1 GB first) while the others wait; then all read the arrays."""
