@@ -1591,6 +1591,18 @@ def test_ranks_get_disjoint_equal_shards():
     assert not torch.equal(order(0, 0, 1)[0], order(1, 0, 1)[0])
 
 
+def test_half_res_epochs_train_on_56_pixel_images_then_112(shapes_dir, tmp_path, monkeypatch):
+    sizes, forward = [], train.VLM.forward
+
+    def spy(model, images, *rest):
+        if model.training:  # training steps only, not the validation loss
+            sizes.append(images.shape[-1])
+        return forward(model, images, *rest)
+    monkeypatch.setattr(train.VLM, "forward", spy)
+    train.train(train.get_args(tiny_args(shapes_dir, tmp_path, "--epochs", "2", "--half-res-epochs", "1")))
+    assert sizes == [56] * 15 + [112] * 15  # 15 steps an epoch
+
+
 def test_teacher_forcing_rows(shapes_dir):
     split = data.load_split(str(shapes_dir), "val")
     tok = train.Tokenizer.train([c for cs in split.captions for c in cs], 300)
