@@ -4,7 +4,7 @@ precision, the dataset flags, and a model's files: torch checkpoints that run no
 the published layout (load_model reads every form SupraVL-Nano-900k's tools wrote), a run's folder.
 
 Left out: sharded checkpoints, remote model hubs, pickled Python objects of any kind.
-Tests: python -m pytest -q test_all.py -k "flags or device or safetensors or load_model or published or resume"
+Tests: python -m pytest test_all.py -k "flags or device or safetensors or load_model or published or resume"
 """
 import contextlib
 import ctypes
@@ -21,6 +21,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from bpe import Tokenizer
 from model import VLM, Config
+
 
 class UserError(Exception):
     """A problem the user can fix: a bad flag, file, folder or URL. The message names it, in one line."""
@@ -152,7 +153,7 @@ def check_flags(args, rules):
             raise UserError(f"{flag} {getattr(args, flag[2:].replace('-', '_'))}: must be {allowed}")
 
 
-# ----------------------------------------------------------------------------- checkpoints: torch files
+# ----------------------------------------------------------------------------- torch checkpoints
 
 def load_torch(path):
     """torch.load with weights_only=True (tensors, numbers, strings, never code); a failure is one line."""
@@ -172,7 +173,8 @@ def save_torch(path, obj):
     with atomic_write(path) as f:
         torch.save(obj, f)
 
-# ----------------------------------------------------------------------------- checkpoints: safetensors, by hand
+
+# ----------------------------------------------------------------------------- safetensors, by hand
 # Layout: 8-byte little-endian header length N, N bytes of JSON {name: {dtype, shape, data_offsets}} (and
 # "__metadata__") padded with spaces to a multiple of 8, then the tensor bytes; data_offsets count from there.
 
@@ -184,18 +186,17 @@ DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 def write_safetensors(path, tensors, metadata=None):
     header = {"__metadata__": {str(k): str(v) for k, v in metadata.items()}} if metadata else {}
-    blobs, offset = [], 0
+    data = bytearray()  # the tensors' bytes so far: len(data) is where the next one starts
     for name, t in tensors.items():
         t = t.detach().cpu().contiguous()
         raw = t.reshape(-1).view(torch.uint8).numpy().tobytes()  # any dtype as its bytes (little-endian host)
         header[name] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape),
-                        "data_offsets": [offset, offset + len(raw)]}
-        blobs.append(raw)
-        offset += len(raw)
+                        "data_offsets": [len(data), len(data) + len(raw)]}
+        data += raw
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)  # the tensors start 8-byte aligned
     with atomic_write(path) as f:
-        f.write(struct.pack("<Q", len(text)) + text + b"".join(blobs))
+        f.write(struct.pack("<Q", len(text)) + text + data)
 
 
 def read_safetensors(path):
@@ -273,19 +274,19 @@ def read_config_json(path, tok):
 def read_checkpoint(path):
     """(weights, Config fields, their file, tokenizer): in a ckpt.pt, or in the files beside the weights."""
     folder = path if os.path.isdir(path) else os.path.dirname(path)
-    weights_file = next((os.path.join(path, n) for n in ("model.safetensors", "model.pt")
-                         if os.path.isfile(os.path.join(path, n))), path)
-    if os.path.isdir(weights_file):
+    inside = [os.path.join(path, name) for name in ("model.safetensors", "model.pt")]
+    file = next((f for f in inside if os.path.isfile(f)), path)
+    if os.path.isdir(file):
         raise UserError(f"{path}: no model.safetensors or model.pt (beside config.json, tokenizer.json)")
-    ckpt = read_safetensors(weights_file) if weights_file.endswith(".safetensors") else load_torch(weights_file)
+    ckpt = read_safetensors(file) if file.endswith(".safetensors") else load_torch(file)
     if not isinstance(ckpt, dict):
-        raise UserError(f"{weights_file}: not a SupraVL checkpoint (not a dict of weights)")
+        raise UserError(f"{file}: not a SupraVL checkpoint (not a dict of weights)")
     held = [ckpt[k] for k in ("model", "model_state_dict", "state_dict") if isinstance(ckpt.get(k), dict)]
     weights = held[0] if held else ckpt  # the optimizer and scheduler state beside them: not needed
     if not weights or not all(isinstance(v, torch.Tensor) for v in weights.values()):
-        raise UserError(f"{weights_file}: not a SupraVL checkpoint (no weights, nor model/state_dict of them)")
+        raise UserError(f"{file}: not a SupraVL checkpoint (no weights, nor model/state_dict of them)")
     if isinstance(ckpt.get("tokenizer"), str) and isinstance(ckpt.get("config"), dict):
-        return weights, ckpt["config"], weights_file, Tokenizer.from_json(ckpt["tokenizer"], weights_file)
+        return weights, ckpt["config"], file, Tokenizer.from_json(ckpt["tokenizer"], file)
     for name in ("config.json", "tokenizer.json"):
         if not os.path.isfile(os.path.join(folder, name)):
             raise UserError(f"{path}: no {name} beside the weights (a published folder holds "
