@@ -1,26 +1,31 @@
 """
-common.py: the plumbing the chapters share, written once: one-line errors and atomic writes, devices and
-precision, the dataset flags, and a model's files: torch checkpoints that run no code, safetensors by hand,
-the published layout (load_model reads every form SupraVL-Nano-900k's tools wrote), a run's folder.
+common.py: the plumbing the chapters share, written once: one-line errors and atomic writes, devices,
+precision and processes, the dataset flags, downloads that resume, zip archives extracted safely, and a
+model's files: torch checkpoints that run no code, the published layout (load_model reads every form
+SupraVL-Nano-900k's tools wrote; safetensors itself is model.py's last part), a run's folder.
 
-Left out: sharded checkpoints, remote model hubs, pickled Python objects of any kind.
-Tests: python -m pytest test_all.py -k "flags or device or safetensors or load_model or published or resume"
+Left out: proxies, checksums, other archives, sharded checkpoints, remote hubs, pickled Python objects.
+Tests: python -m pytest test_all.py -k "flags or device or download or archive or load_model or resume"
 """
 import contextlib
 import ctypes
 import json
-import math
 import os
-import struct
+import re
+import shutil
 import sys
 import time
 import warnings
+import zipfile
+import zlib
 
+import requests
 import torch
+import torch.distributed as dist
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from bpe import Tokenizer
-from model import VLM, Config
+from model import VLM, Config, read_safetensors, write_safetensors
 
 
 class UserError(Exception):
@@ -68,7 +73,7 @@ def progress(text, end=False):
         _progress.update(open=not end, shown=time.time())
 
 
-# ----------------------------------------------------------------------------- devices and precision
+# ----------------------------------------------------------------------------- devices, precision, processes
 
 def device_problem(name):
     """None when a tensor can be made on device `name`, else why not, in a few words."""
@@ -136,6 +141,26 @@ def precision(device, dtype):
         yield
 
 
+def setup(args):
+    """(device, dtype, rank, world, log), and torchrun's process group; only rank 0 logs."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    log = print if rank == 0 else (lambda *a, **k: None)
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    if world > 1 and args.device in ("auto", "cuda") and torch.cuda.is_available():
+        torch.cuda.set_device(local)  # before the first CUDA call, or every process opens one on GPU 0
+    device = pick_device(args.device)
+    device = f"cuda:{local}" if device == "cuda" and world > 1 else device
+    if world > 1:
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    if device == "cpu":
+        keep_freed_memory()
+    if device.startswith("cuda"):
+        torch.backends.cudnn.benchmark = True  # the shapes barely change: let cuDNN time its kernels once
+    dtype, why = pick_dtype(args.dtype, device)
+    log(f"device {device}, {str(dtype)[6:]} ({why}), {world} process{'es' if world > 1 else ''}")
+    return device, dtype, rank, world, log
+
+
 # ----------------------------------------------------------------------------- flags
 
 def add_data_flags(parser, default):
@@ -151,6 +176,74 @@ def check_flags(args, rules):
     for flag, ok, allowed in rules:
         if not ok:
             raise UserError(f"{flag} {getattr(args, flag[2:].replace('-', '_'))}: must be {allowed}")
+
+
+# ----------------------------------------------------------------------------- downloads and archives
+
+def download(url, dest, advice, retries=4, backoff=1.0, timeout=(10, 60)):
+    """Streams url to dest via dest.part, which the next try resumes; dest appears only when whole. HTTP 5xx,
+    a dropped link or a short body is retried 1, 2, 4, 8 s later; else a UserError that ends with `advice`."""
+    part, why = dest + ".part", None
+    for attempt in range(retries + 1):
+        if attempt:
+            time.sleep(backoff * 2 ** (attempt - 1))  # give a flaky link time to recover
+        have = os.path.getsize(part) if os.path.exists(part) else 0
+        try:
+            with requests.get(url, headers={"Range": f"bytes={have}-"} if have else {}, stream=True,
+                              timeout=timeout) as r:
+                if 400 <= r.status_code < 500 and r.status_code != 416:  # a wrong URL: retrying will not help
+                    raise UserError(f"{url}: HTTP {r.status_code} {r.reason}; {advice}")
+                starts_at_have = r.headers.get("Content-Range", "").startswith(f"bytes {have}-")
+                resumed = r.status_code == 206 and starts_at_have
+                if r.status_code in (206, 416) and not resumed:  # our .part is no prefix the server knows
+                    os.remove(part)
+                if r.status_code != 200 and not resumed:  # a 5xx, or the bad range above: try again
+                    why = f"HTTP {r.status_code}"
+                    continue
+                length = r.headers.get("Content-Length", "")  # a 200 sends the whole file, from byte 0
+                total = (have if resumed else 0) + int(length) if length.isdigit() else None
+                of = f" of {total / 1e6:.1f}" if total else ""
+                with open(part, "ab" if resumed else "wb") as f:
+                    for chunk in r.iter_content(1 << 16):
+                        f.write(chunk)
+                        progress(f"  {os.path.basename(dest)}: {f.tell() / 1e6:.1f}{of} MB")
+        except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as e:
+            why = type(e).__name__
+            continue
+        except requests.RequestException as e:  # a bad URL and the like: retrying will not help
+            raise UserError(f"{url}: {type(e).__name__}; {advice}") from None
+        got = os.path.getsize(part)
+        if total is None or got == total:
+            progress(f"  {os.path.basename(dest)}: {got / 1e6:.1f} MB downloaded", end=True)
+            os.replace(part, dest)
+            return dest
+        why = f"got {got} of {total} bytes"
+    raise UserError(f"{url}: download failed after {retries + 1} tries ({why}); {advice}")
+
+
+def extract_zip(path, dest_dir):
+    """path into dest_dir, all or nothing: refused if an entry is absolute or has '..', removed if corrupt."""
+    tmp = os.path.join(dest_dir, ".extract.tmp")  # nothing moves into place until all of it is out
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        with zipfile.ZipFile(path) as zf:
+            for info in zf.infolist():
+                name, base = info.filename, os.path.basename(info.filename.rstrip("/"))
+                if re.match(r"[/\\]|[A-Za-z]:", name) or ".." in re.split(r"[/\\]", name):
+                    raise UserError(f"{path}: unsafe entry {name!r} (absolute or '..'); archive refused")
+                if not (name.startswith("__MACOSX/") or base.startswith("._") or base == ".DS_Store"):
+                    zf.extract(info, tmp)  # reading checks each entry's CRC
+        for entry in os.listdir(tmp):
+            target = os.path.join(dest_dir, entry)
+            if os.path.isdir(target):
+                shutil.rmtree(target)
+            os.replace(os.path.join(tmp, entry), target)
+    except (zipfile.BadZipFile, zlib.error, EOFError) as e:
+        os.remove(path)
+        raise UserError(f"{path}: corrupt archive ({e}); removed it, run again to download it again") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------- torch checkpoints
@@ -172,70 +265,6 @@ def load_torch(path):
 def save_torch(path, obj):
     with atomic_write(path) as f:
         torch.save(obj, f)
-
-
-# ----------------------------------------------------------------------------- safetensors, by hand
-# Layout: 8-byte little-endian header length N, N bytes of JSON {name: {dtype, shape, data_offsets}} (and
-# "__metadata__") padded with spaces to a multiple of 8, then the tensor bytes; data_offsets count from there.
-
-DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-          "U8": torch.uint8, "BOOL": torch.bool}
-DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
-
-
-def write_safetensors(path, tensors, metadata=None):
-    header = {"__metadata__": {str(k): str(v) for k, v in metadata.items()}} if metadata else {}
-    data = bytearray()  # the tensors' bytes so far: len(data) is where the next one starts
-    for name, t in tensors.items():
-        t = t.detach().cpu().contiguous()
-        raw = t.reshape(-1).view(torch.uint8).numpy().tobytes()  # any dtype as its bytes (little-endian host)
-        header[name] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape),
-                        "data_offsets": [len(data), len(data) + len(raw)]}
-        data += raw
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)  # the tensors start 8-byte aligned
-    with atomic_write(path) as f:
-        f.write(struct.pack("<Q", len(text)) + text + data)
-
-
-def read_safetensors(path):
-    """{name: tensor}; every size is checked against the bytes really in the file before anything is made."""
-    def check(ok, why):
-        if not ok:
-            raise UserError(f"{path}: not a valid safetensors file: {why}")
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        check(size >= 8, f"only {size} bytes")
-        (n,) = struct.unpack("<Q", f.read(8))
-        # the header fits in the file, and in 100 MB, the safetensors library's own cap (ours is ~5 KB)
-        check(n <= min(size - 8, 100 * 2 ** 20), f"header length {n} goes beyond the file's {size} bytes")
-        head, blob = f.read(n), f.read()  # blob: the data the file holds, whatever the header claims
-    try:
-        header = json.loads(head)
-    except ValueError:  # also UnicodeDecodeError
-        check(False, "header is not JSON")
-    check(isinstance(header, dict), "header is not a JSON object")
-    header.pop("__metadata__", None)  # free-form strings, e.g. {"format": "pt"}
-    spans, end = [], 0
-    for name, info in header.items():
-        info = info if isinstance(info, dict) else {}
-        dtype, shape, offsets = DTYPES.get(info.get("dtype")), info.get("shape"), info.get("data_offsets")
-        a, b = offsets if isinstance(offsets, list) and len(offsets) == 2 else (None, None)
-        check(dtype is not None, f"tensor {name!r} has unknown dtype {info.get('dtype')!r}")
-        check(isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape),
-              f"tensor {name!r} has shape {shape!r}, not a list of sizes")
-        check(type(a) is int and type(b) is int and 0 <= a <= b <= len(blob),
-              f"tensor {name!r} has data_offsets {[a, b]} outside the {len(blob)} data bytes")
-        need = math.prod(shape) * dtype.itemsize
-        check(b - a == need, f"tensor {name!r}: shape {shape} needs {need} bytes, data_offsets give {b - a}")
-        spans.append((a, b, name, dtype, shape))
-    for a, b, name, _, _ in sorted(spans, key=lambda s: s[:2]):
-        check(a == end, f"tensor {name!r} starts at byte {a}, expected {end}")  # no gaps, no overlaps
-        end = b
-    check(end == len(blob), f"{len(blob) - end} bytes after the last tensor")
-    return {name: (torch.frombuffer(bytearray(blob[a:b]), dtype=dtype) if b > a  # frombuffer refuses 0 bytes
-                   else torch.empty(0, dtype=dtype)).reshape(shape) for a, b, name, dtype, shape in spans}
 
 
 # ----------------------------------------------------------------------------- the published layout

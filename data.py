@@ -14,20 +14,16 @@ import functools
 import json
 import os
 import re
-import shutil
 import textwrap
 import time
-import zipfile
-import zlib
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
-import requests
 import torch
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
-from common import UserError, add_data_flags, atomic_write, check_flags, cli, progress
+from common import UserError, add_data_flags, atomic_write, check_flags, cli, download, extract_zip, progress
 
 SPLITS = ("train", "val", "test")
 
@@ -344,74 +340,6 @@ def prepare_flickr8k(data_dir, size=112, base_url=DEFAULT_BASE_URL, log=print, p
         log(f"  {split:5s}: {len(names)} of {len(listed)} listed images prepared; skipped "
             f"{len(listed) - uncaptioned - len(present)} missing, {len(errors)} unreadable, "
             f"{uncaptioned} without captions" + "".join(f"\n    {e}" for e in errors[:3]))
-
-
-# ----------------------------------------------------------------------------- downloads and archives
-
-def download(url, dest, advice, retries=4, backoff=1.0, timeout=(10, 60)):
-    """Streams url to dest via dest.part, which the next try resumes; dest appears only when whole. HTTP 5xx,
-    a dropped link or a short body is retried 1, 2, 4, 8 s later; else a UserError that ends with `advice`."""
-    part, why = dest + ".part", None
-    for attempt in range(retries + 1):
-        if attempt:
-            time.sleep(backoff * 2 ** (attempt - 1))  # give a flaky link time to recover
-        have = os.path.getsize(part) if os.path.exists(part) else 0
-        try:
-            with requests.get(url, headers={"Range": f"bytes={have}-"} if have else {}, stream=True,
-                              timeout=timeout) as r:
-                if 400 <= r.status_code < 500 and r.status_code != 416:  # a wrong URL: retrying will not help
-                    raise UserError(f"{url}: HTTP {r.status_code} {r.reason}; {advice}")
-                starts_at_have = r.headers.get("Content-Range", "").startswith(f"bytes {have}-")
-                resumed = r.status_code == 206 and starts_at_have
-                if r.status_code in (206, 416) and not resumed:  # our .part is no prefix the server knows
-                    os.remove(part)
-                if r.status_code != 200 and not resumed:  # a 5xx, or the bad range above: try again
-                    why = f"HTTP {r.status_code}"
-                    continue
-                length = r.headers.get("Content-Length", "")  # a 200 sends the whole file, from byte 0
-                total = (have if resumed else 0) + int(length) if length.isdigit() else None
-                of = f" of {total / 1e6:.1f}" if total else ""
-                with open(part, "ab" if resumed else "wb") as f:
-                    for chunk in r.iter_content(1 << 16):
-                        f.write(chunk)
-                        progress(f"  {os.path.basename(dest)}: {f.tell() / 1e6:.1f}{of} MB")
-        except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as e:
-            why = type(e).__name__
-            continue
-        except requests.RequestException as e:  # a bad URL and the like: retrying will not help
-            raise UserError(f"{url}: {type(e).__name__}; {advice}") from None
-        got = os.path.getsize(part)
-        if total is None or got == total:
-            progress(f"  {os.path.basename(dest)}: {got / 1e6:.1f} MB downloaded", end=True)
-            os.replace(part, dest)
-            return dest
-        why = f"got {got} of {total} bytes"
-    raise UserError(f"{url}: download failed after {retries + 1} tries ({why}); {advice}")
-
-
-def extract_zip(path, dest_dir):
-    """path into dest_dir, all or nothing: refused if an entry is absolute or has '..', removed if corrupt."""
-    tmp = os.path.join(dest_dir, ".extract.tmp")  # nothing moves into place until all of it is out
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    try:
-        with zipfile.ZipFile(path) as zf:
-            for info in zf.infolist():
-                name, base = info.filename, os.path.basename(info.filename.rstrip("/"))
-                if re.match(r"[/\\]|[A-Za-z]:", name) or ".." in re.split(r"[/\\]", name):
-                    raise UserError(f"{path}: unsafe entry {name!r} (absolute or '..'); archive refused")
-                if not (name.startswith("__MACOSX/") or base.startswith("._") or base == ".DS_Store"):
-                    zf.extract(info, tmp)  # reading checks each entry's CRC
-        for entry in os.listdir(tmp):
-            target = os.path.join(dest_dir, entry)
-            if os.path.isdir(target):
-                shutil.rmtree(target)
-            os.replace(os.path.join(tmp, entry), target)
-    except (zipfile.BadZipFile, zlib.error, EOFError) as e:
-        os.remove(path)
-        raise UserError(f"{path}: corrupt archive ({e}); removed it, run again to download it again") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------- one entry point

@@ -10,7 +10,10 @@ Left out: the tokenizer (bpe.py), image loading and normalisation (data.py), tra
 Tests: the model section of test_all.py (python -m pytest -q test_all.py runs them all).
 Use it like:  model = VLM(Config()).eval(); model.generate_beam(images) -> [[ids...], ...]
 """
+import json
 import math
+import os
+import struct
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -263,3 +266,70 @@ class VLM(nn.Module):
             finish(b, s, b * W)  # they are ranked, so beam 0 is their best
         seqs = [h[1] for h in best]
         return (seqs, [h[2] for h in best]) if return_attn else seqs
+
+
+# ============================================================================ part 3: the weights on disk
+# safetensors, by hand, so that a published model.safetensors needs no extra library.
+# Layout: 8-byte little-endian header length N, N bytes of JSON {name: {dtype, shape, data_offsets}} (and
+# "__metadata__") padded with spaces to a multiple of 8, then the tensor bytes; data_offsets count from there.
+
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+          "U8": torch.uint8, "BOOL": torch.bool}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+def write_safetensors(path, tensors, metadata=None):
+    header = {"__metadata__": {str(k): str(v) for k, v in metadata.items()}} if metadata else {}
+    data = bytearray()  # the tensors' bytes so far: len(data) is where the next one starts
+    for name, t in tensors.items():
+        t = t.detach().cpu().contiguous()
+        raw = t.reshape(-1).view(torch.uint8).numpy().tobytes()  # any dtype as its bytes (little-endian host)
+        header[name] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [len(data), len(data) + len(raw)]}
+        data += raw
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the tensors start 8-byte aligned
+    with open(path + ".tmp", "wb") as f:  # then renamed over path: a crash never leaves half a file
+        f.write(struct.pack("<Q", len(text)) + text + data)
+    os.replace(path + ".tmp", path)
+
+
+def read_safetensors(path):
+    """{name: tensor}; every size is checked against the bytes really in the file before anything is made.
+    A bad file raises ValueError("{path}: not a valid safetensors file: {why}")."""
+    def check(ok, why):
+        if not ok:
+            raise ValueError(f"{path}: not a valid safetensors file: {why}")
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        check(size >= 8, f"only {size} bytes")
+        (n,) = struct.unpack("<Q", f.read(8))
+        # the header fits in the file, and in 100 MB, the safetensors library's own cap (ours is ~5 KB)
+        check(n <= min(size - 8, 100 * 2 ** 20), f"header length {n} goes beyond the file's {size} bytes")
+        head, blob = f.read(n), f.read()  # blob: the data the file holds, whatever the header claims
+    try:
+        header = json.loads(head)
+    except ValueError:  # also UnicodeDecodeError
+        check(False, "header is not JSON")
+    check(isinstance(header, dict), "header is not a JSON object")
+    header.pop("__metadata__", None)  # free-form strings, e.g. {"format": "pt"}
+    spans, end = [], 0
+    for name, info in header.items():
+        info = info if isinstance(info, dict) else {}
+        dtype, shape, offsets = DTYPES.get(info.get("dtype")), info.get("shape"), info.get("data_offsets")
+        a, b = offsets if isinstance(offsets, list) and len(offsets) == 2 else (None, None)
+        check(dtype is not None, f"tensor {name!r} has unknown dtype {info.get('dtype')!r}")
+        check(isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape),
+              f"tensor {name!r} has shape {shape!r}, not a list of sizes")
+        check(type(a) is int and type(b) is int and 0 <= a <= b <= len(blob),
+              f"tensor {name!r} has data_offsets {[a, b]} outside the {len(blob)} data bytes")
+        need = math.prod(shape) * dtype.itemsize
+        check(b - a == need, f"tensor {name!r}: shape {shape} needs {need} bytes, data_offsets give {b - a}")
+        spans.append((a, b, name, dtype, shape))
+    for a, b, name, _, _ in sorted(spans, key=lambda s: s[:2]):
+        check(a == end, f"tensor {name!r} starts at byte {a}, expected {end}")  # no gaps, no overlaps
+        end = b
+    check(end == len(blob), f"{len(blob) - end} bytes after the last tensor")
+    return {name: (torch.frombuffer(bytearray(blob[a:b]), dtype=dtype) if b > a  # frombuffer refuses 0 bytes
+                   else torch.empty(0, dtype=dtype)).reshape(shape) for a, b, name, dtype, shape in spans}

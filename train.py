@@ -35,8 +35,7 @@ import data
 import scores
 from bpe import Tokenizer
 from common import (RUN_FILES, UserError, add_data_flags, adopt_settings, atomic_write, check_flags, check_out_dir,
-                    cli, keep_freed_memory, load_torch, pick_device, pick_dtype, precision, save_pretrained,
-                    save_torch)
+                    cli, load_torch, precision, save_pretrained, save_torch, setup)
 from model import VLM, Config
 
 # Flickr8k: the card's recipe (15 epochs of 30,000 pairs, batch 64, AdamW(0.9, 0.95), wd 0.01 on matrices,
@@ -367,27 +366,7 @@ def main(argv=None):
 
 
 # -----------------------------------------------------------------------------
-# Robustness and speed: devices and processes, Ctrl-C, the data on every rank
-
-def setup(args):
-    """(device, dtype, rank, world, log), and torchrun's process group; only rank 0 logs."""
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    log = print if rank == 0 else (lambda *a, **k: None)
-    local = int(os.environ.get("LOCAL_RANK", 0))
-    if world > 1 and args.device in ("auto", "cuda") and torch.cuda.is_available():
-        torch.cuda.set_device(local)  # before the first CUDA call, or every process opens one on GPU 0
-    device = pick_device(args.device)
-    device = f"cuda:{local}" if device == "cuda" and world > 1 else device
-    if world > 1:
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    if device == "cpu":
-        keep_freed_memory()
-    if device.startswith("cuda"):
-        torch.backends.cudnn.benchmark = True  # the shapes barely change: let cuDNN time its kernels once
-    dtype, why = pick_dtype(args.dtype, device)
-    log(f"device {device}, {str(dtype)[6:]} ({why}), {world} process{'es' if world > 1 else ''}")
-    return device, dtype, rank, world, log
-
+# Robustness: Ctrl-C, and the data on every rank
 
 STOP = []  # the Ctrl-C handler (main) appends True: stop at the next step boundary
 
