@@ -4,8 +4,7 @@ bpe.py - a byte-level byte-pair-encoding tokenizer (GPT-2 style), written out by
 Text is cut into words with a GPT-2-like regex, each word becomes its UTF-8 bytes, and training learns
 merges of adjacent tokens, most frequent pair first: plainly, then fast (the same merges). Any text
 encodes (no "unknown" token) and decodes back to itself. A tokenizer is a Hugging Face tokenizer.json:
-training writes GPT-2's, and we read the BPE forms `tokenizers` writes (form_of), with its ids and
-decoded text: ByteLevel, and its quick tour's character-level BPE (Whitespace words, an [UNK] token).
+training writes GPT-2's, and we read the BPE forms `tokenizers` writes (form_of) with its ids and text.
 
 Left out: normalizers, dropout, WordPiece/Unigram models (such files raise a one-line ValueError),
 and added tokens matched inside text (encode never produces special ids; decode drops them).
@@ -238,7 +237,6 @@ class Tokenizer:
         def check(ok, problem):
             if not ok:
                 raise ValueError(f"{name}: {problem}")
-
         try:
             d = json.loads(text)
         except json.JSONDecodeError as e:

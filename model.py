@@ -201,17 +201,15 @@ class VLM(nn.Module):
     def _sample_loop(self, images, max_new, pick, return_attn):
         """Greedy / top-k: pick(logp (B,V)) -> next tokens (B,), until every row has emitted EOS."""
         cache, logp, attn = self._start(images, max_new, return_attn)
-        toks, maps = [], []
-        done = torch.zeros(images.size(0), dtype=torch.bool, device=images.device)  # (B,)
+        toks = torch.zeros(images.size(0), 0, dtype=torch.long, device=images.device)  # (B, 0)
+        maps = []
         for t in range(max_new):
-            tok = pick(logp)  # (B,)
-            toks.append(tok)
-            maps.append(attn)  # the attention of the position that chose tok
-            done |= tok == self.config.eos_id
-            if t == max_new - 1 or done.all():  # the last token is never fed back
-                break
-            logp, attn = self._decode(None, tok[:, None], cache, self.config.n_vis + 1 + t, return_attn)
-        return self._trim(torch.stack(toks, 1), torch.stack(maps, 1) if return_attn else None)
+            toks = torch.cat([toks, pick(logp)[:, None]], dim=1)  # (B, t+1)
+            maps.append(attn)  # the attention of the position that chose the new token
+            if t == max_new - 1 or (toks == self.config.eos_id).any(1).all():
+                break  # the last token is never fed back
+            logp, attn = self._decode(None, toks[:, -1:], cache, self.config.n_vis + 1 + t, return_attn)
+        return self._trim(toks, torch.stack(maps, 1) if return_attn else None)
 
     def generate_greedy(self, images, max_new=48, return_attn=False):
         """Most likely token at every step. Returns per image a list of ids (no BOS/EOS) or, with
@@ -262,8 +260,8 @@ class VLM(nn.Module):
                 break
             cache = cache.index_select(1, src)  # row i of the new cache is row src[i] of the old one
             logp, attn = self._decode(None, tok[:, None], cache, cfg.n_vis + 1 + t, return_attn)
-        for b, s in enumerate((score[:, 0] / max_new ** lp).tolist()):  # at max_new live beams compete too;
-            finish(b, s, b * W)  # they are ranked, so beam 0 is their best
+        for b, s in enumerate((score[:, 0] / max_new ** lp).tolist()):
+            finish(b, s, b * W)  # the live beams are ranked: beam 0 is their best
         seqs = [h[1] for h in best]
         return (seqs, [h[2] for h in best]) if return_attn else seqs
 
