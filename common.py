@@ -1,8 +1,8 @@
 """
 common.py: the plumbing the chapters share, written once: one-line errors and atomic writes, devices,
-precision and processes, the dataset flags, downloads that resume, zip archives extracted safely, and a
-model's files: torch checkpoints that run no code, the published layout (load_model reads every form
-SupraVL-Nano-900k's tools wrote; safetensors itself is model.py's last part), a run's folder.
+precision and processes, the dataset flags, downloads that resume, zip archives extracted safely, torch
+checkpoints that run no code, the published layout (load_model reads every form SupraVL-Nano-900k's tools
+wrote; the safetensors format itself is model.py's last part), and a run's folder.
 
 Left out: proxies, checksums, other archives, sharded checkpoints, remote hubs, pickled Python objects.
 Tests: python -m pytest test_all.py -k "flags or device or download or archive or load_model or resume"
@@ -262,11 +262,6 @@ def load_torch(path):
         raise UserError(f"{path}: not a readable PyTorch checkpoint ({first})") from None
 
 
-def save_torch(path, obj):
-    with atomic_write(path) as f:
-        torch.save(obj, f)
-
-
 # ----------------------------------------------------------------------------- the published layout
 
 # config.json: the nine Config fields in upper case (D_MODEL); the token ids also under Hugging Face's names.
@@ -329,7 +324,7 @@ def load_model(path, device="cpu"):
     """(model in eval mode on device, tokenizer) from a ckpt.pt, a published folder, or a model.pt."""
     try:
         weights, fields, where, tok = read_checkpoint(path)
-    except ValueError as e:  # bpe's errors; they name their file
+    except ValueError as e:  # bpe's and model's file errors; they name their file
         raise UserError(str(e)) from None
     # the seed's code stores its causal masks as buffers: not weights, and ours builds no such buffer
     weights = {k: v for k, v in weights.items() if not k.endswith(".attn.mask")}

@@ -37,7 +37,7 @@ import scores
 import train
 from bpe import BYTE_TO_CHAR, SPECIALS, Tokenizer
 from common import UserError
-from model import Config, VLM
+from model import VLM, Config, read_safetensors, write_safetensors
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SHARED = os.path.join(HERE, "..", "shared", "flickr8k")
@@ -820,8 +820,71 @@ def test_attention_maps_when_nothing_is_generated(trained):
     assert [a.shape for a in attns] == [(0, 3, 16), (0, 3, 16)]
 
 
+# ----------------------------------------------------------------------------- safetensors
+
+
+def example_tensors():
+    g = torch.Generator().manual_seed(0)
+    return {"w": torch.randn(3, 4, generator=g), "h": torch.randn(5, generator=g).half(),
+            "b": torch.randn(2, 2, generator=g).bfloat16(), "i": torch.arange(7), "j": torch.arange(3).int(),
+            "u": torch.arange(5, dtype=torch.uint8), "m": torch.tensor([True, False, True]),
+            "s": torch.tensor(2.5), "e": torch.zeros(0, 3)}
+
+
+def test_safetensors_round_trip_and_alignment(tmp_path):
+    path = str(tmp_path / "t.safetensors")
+    tensors = example_tensors()
+    write_safetensors(path, tensors, metadata={"format": "pt"})
+    blob = open(path, "rb").read()
+    (n,) = struct.unpack("<Q", blob[:8])
+    assert n % 8 == 0 and json.loads(blob[8:8 + n])["__metadata__"] == {"format": "pt"}
+    back = read_safetensors(path)
+    assert back.keys() == tensors.keys()
+    for k, t in tensors.items():
+        assert back[k].dtype == t.dtype and back[k].shape == t.shape and torch.equal(back[k], t)
+
+
+def test_safetensors_interop_with_the_real_library(tmp_path):
+    st = pytest.importorskip("safetensors.torch")
+    ours, theirs = str(tmp_path / "ours.safetensors"), str(tmp_path / "theirs.safetensors")
+    tensors = example_tensors()
+    write_safetensors(ours, tensors, metadata={"format": "pt"})
+    loaded = st.load_file(ours)
+    assert all(torch.equal(loaded[k], t) and loaded[k].dtype == t.dtype for k, t in tensors.items())
+    st.save_file(tensors, theirs, metadata={"format": "pt"})
+    loaded = read_safetensors(theirs)
+    assert all(torch.equal(loaded[k], t) and loaded[k].dtype == t.dtype for k, t in tensors.items())
+
+
+def craft(path, header, payload=b"", length=None):
+    text = header if isinstance(header, bytes) else json.dumps(header).encode()
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text) if length is None else length) + text + payload)
+    return str(path)
+
+
+@pytest.mark.parametrize("header, payload, length, why", [
+    ({"x": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4, 10 ** 12, "beyond the file"),
+    (b"\xff\xfe not json", b"", None, "not JSON"),
+    (b"[1, 2]   ", b"", None, "not a JSON object"),
+    ({"x": {"dtype": "F99", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4, None, "unknown dtype"),
+    ({"x": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}}, b"\0" * 4, None, "needs 8 bytes"),
+    ({"x": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 4, None, "outside"),
+    # a header claiming a 4 TB tensor is refused from its offsets, nothing is allocated
+    ({"x": {"dtype": "F32", "shape": [10 ** 12], "data_offsets": [0, 4 * 10 ** 12]}}, b"", None, "outside"),
+    ({"x": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}, b"\0" * 4, None, "shape"),
+    ({"x": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
+      "y": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 8, None, "starts at byte 0"),
+])
+def test_safetensors_reader_refuses(tmp_path, header, payload, length, why):
+    path = craft(tmp_path / "bad.safetensors", header, payload, length)
+    with pytest.raises(ValueError, match=why) as e:  # load_model turns it into a UserError
+        read_safetensors(path)
+    assert path in str(e.value)
+
+
 # ==================================================================================================
-# data.py: Flickr8k download and preparation, shapes
+# data.py (and common.py's downloads): Flickr8k download and preparation, shapes
 # ==================================================================================================
 
 # ----------------------------------------------------------------------------- a real server
@@ -1177,7 +1240,7 @@ def test_load_split_errors(tmp_path):
 
 
 # ==================================================================================================
-# sample.py: metrics, safetensors, the command line
+# scores.py, common.py's checkpoints and sample.py: metrics, the published layout, the command line
 # ==================================================================================================
 
 # ----------------------------------------------------------------------------- BLEU
@@ -1244,68 +1307,6 @@ def test_cider_hand_worked_clipping_length_and_unseen_ngrams():
     expected = (img1 + img2 + img3) / 3
     assert expected == pytest.approx(3.0930, abs=1e-4)
     assert scores.cider(refs, hyps) == pytest.approx(expected, rel=1e-9)
-
-# ----------------------------------------------------------------------------- safetensors
-
-
-def example_tensors():
-    g = torch.Generator().manual_seed(0)
-    return {"w": torch.randn(3, 4, generator=g), "h": torch.randn(5, generator=g).half(),
-            "b": torch.randn(2, 2, generator=g).bfloat16(), "i": torch.arange(7), "j": torch.arange(3).int(),
-            "u": torch.arange(5, dtype=torch.uint8), "m": torch.tensor([True, False, True]),
-            "s": torch.tensor(2.5), "e": torch.zeros(0, 3)}
-
-
-def test_safetensors_round_trip_and_alignment(tmp_path):
-    path = str(tmp_path / "t.safetensors")
-    tensors = example_tensors()
-    common.write_safetensors(path, tensors, metadata={"format": "pt"})
-    blob = open(path, "rb").read()
-    (n,) = struct.unpack("<Q", blob[:8])
-    assert n % 8 == 0 and json.loads(blob[8:8 + n])["__metadata__"] == {"format": "pt"}
-    back = common.read_safetensors(path)
-    assert back.keys() == tensors.keys()
-    for k, t in tensors.items():
-        assert back[k].dtype == t.dtype and back[k].shape == t.shape and torch.equal(back[k], t)
-
-
-def test_safetensors_interop_with_the_real_library(tmp_path):
-    st = pytest.importorskip("safetensors.torch")
-    ours, theirs = str(tmp_path / "ours.safetensors"), str(tmp_path / "theirs.safetensors")
-    tensors = example_tensors()
-    common.write_safetensors(ours, tensors, metadata={"format": "pt"})
-    loaded = st.load_file(ours)
-    assert all(torch.equal(loaded[k], t) and loaded[k].dtype == t.dtype for k, t in tensors.items())
-    st.save_file(tensors, theirs, metadata={"format": "pt"})
-    loaded = common.read_safetensors(theirs)
-    assert all(torch.equal(loaded[k], t) and loaded[k].dtype == t.dtype for k, t in tensors.items())
-
-
-def craft(path, header, payload=b"", length=None):
-    text = header if isinstance(header, bytes) else json.dumps(header).encode()
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(text) if length is None else length) + text + payload)
-    return str(path)
-
-
-@pytest.mark.parametrize("header, payload, length, why", [
-    ({"x": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4, 10 ** 12, "beyond the file"),
-    (b"\xff\xfe not json", b"", None, "not JSON"),
-    (b"[1, 2]   ", b"", None, "not a JSON object"),
-    ({"x": {"dtype": "F99", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4, None, "unknown dtype"),
-    ({"x": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}}, b"\0" * 4, None, "needs 8 bytes"),
-    ({"x": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 4, None, "outside"),
-    # a header claiming a 4 TB tensor is refused from its offsets, nothing is allocated
-    ({"x": {"dtype": "F32", "shape": [10 ** 12], "data_offsets": [0, 4 * 10 ** 12]}}, b"", None, "outside"),
-    ({"x": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}, b"\0" * 4, None, "shape"),
-    ({"x": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
-      "y": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 8, None, "starts at byte 0"),
-])
-def test_safetensors_reader_refuses(tmp_path, header, payload, length, why):
-    path = craft(tmp_path / "bad.safetensors", header, payload, length)
-    with pytest.raises(UserError, match=why) as e:
-        common.read_safetensors(path)
-    assert path in str(e.value)
 
 # ----------------------------------------------------------------------------- a tiny model, saved both ways
 
@@ -1388,7 +1389,7 @@ def published_folder(path, model, tok, weights, **config):
     (path / "config.json").write_text(json.dumps(nine | config))
     tok.save(str(path / "tokenizer.json"))
     if isinstance(weights, dict):
-        common.write_safetensors(str(path / "model.safetensors"), weights)
+        write_safetensors(str(path / "model.safetensors"), weights)
     else:
         torch.save(weights[0], path / "model.pt")
     return str(path)

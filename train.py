@@ -4,7 +4,6 @@ train.py: the SupraVL-Nano training loop, from a fresh clone to out/model.safete
 Teacher forcing, AdamW, warmup then cosine, clipping, mixed precision: the card's recipe (RECIPES). A run
 leaves in --out-dir: ckpt.pt (what --resume continues), best.pt (lowest validation loss), loss.png,
 eval.json (validation scores) and the published layout (model.safetensors, config.json, tokenizer.json).
-
 Left out on purpose: gradient accumulation, EMA weights, data augmentation, learning-rate finders.
 
 Run:
@@ -34,15 +33,14 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import data
 import scores
 from bpe import Tokenizer
-from common import (RUN_FILES, UserError, add_data_flags, adopt_settings, atomic_write, check_flags, check_out_dir,
-                    cli, load_torch, precision, save_pretrained, save_torch, setup)
+from common import (RUN_FILES, UserError, add_data_flags, adopt_settings, atomic_write, check_flags,
+                    check_out_dir, cli, load_torch, precision, save_pretrained, setup)
 from model import VLM, Config
 
 # Flickr8k: the card's recipe (15 epochs of 30,000 pairs, batch 64, AdamW(0.9, 0.95), wd 0.01 on matrices,
 # cosine to 3e-5, clip 1.0) but for the peak lr: on the real photos at hand, 1e-3 reached a lower validation
-# loss than the card's 3e-4 in the same steps (4.34 vs 4.62; 2e-3 overfit).
-# Shapes: far easier, and it must finish on a laptop CPU, so its first epochs see 56x56 images (README:
-# "the laptop path").
+# loss than the card's 3e-4 in the same steps (4.34 vs 4.62; 2e-3 overfit). Shapes: far easier, and it must
+# finish on a laptop CPU, so its first epochs see 56x56 images (README: "the laptop path").
 RECIPES = {
     "flickr8k": dict(epochs=15, batch_size=64, lr=1e-3, min_lr=3e-5, warmup_steps=200, half_res_epochs=0),
     "shapes": dict(epochs=6, batch_size=64, lr=2e-3, min_lr=1e-5, warmup_steps=100, half_res_epochs=3)}
@@ -52,8 +50,7 @@ SETTINGS = ("data", "data_dir", "prep_dir", *RECIPES["shapes"], *SHARED)  # what
 FIXED = ("data", "batch_size", "seed", "vocab_size", "n_vis", "dropout")  # on --resume: another run if changed
 
 
-# -----------------------------------------------------------------------------
-# Data: every (image, caption) pair becomes one row of token ids
+# ----------------------------------------------------------------------------- data: pairs as rows
 
 def encode_pairs(split, tok, max_seq):
     """Rows [BOS, caption..., EOS, PAD...] of length max_seq+1, the image of each row, its input length.
@@ -107,8 +104,7 @@ def make_optimizer(model, args):
     return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95))
 
 
-# -----------------------------------------------------------------------------
-# The run
+# ----------------------------------------------------------------------------- the run
 
 @dataclass
 class Run:
@@ -135,8 +131,7 @@ def train(args):
     tok = Tokenizer.from_json(state["tokenizer"], ckpt) if state else Tokenizer.train(captions, args.vocab_size)
     model = VLM(Config(vocab_size=tok.vocab_size, n_vis=args.n_vis, dropout=args.dropout, pad_id=tok.pad_id,
                        bos_id=tok.bos_id, eos_id=tok.eos_id)).to(device)
-    log(f"tokenizer: {tok.vocab_size} ids; model: {model.num_params():,} parameters, {args.n_vis} visual "
-        "tokens")
+    log(f"tokenizer {tok.vocab_size} ids, model {model.num_params():,} parameters, {args.n_vis} visual tokens")
     run = Run(args, model, tok, make_optimizer(model, args),
               torch.amp.GradScaler(device.split(":")[0], enabled=dtype == torch.float16))
     if state:
@@ -212,8 +207,7 @@ def finish(run, val_split, rank, log):
         return result
 
 
-# -----------------------------------------------------------------------------
-# Evaluation, checkpoints and the loss plot
+# ----------------------------------------------------------------------------- evaluation, loss plot
 
 @torch.no_grad()
 def val_loss(model, val, autocast, batches=20, batch_size=64):
@@ -264,7 +258,8 @@ def save_state(run, path, full=True):
     if full:
         obj.update(optimizer=run.opt.state_dict(), scaler=run.scaler.state_dict(), best_val=run.best,
                    history=run.history)
-    save_torch(path, obj)
+    with atomic_write(path) as f:
+        torch.save(obj, f)
 
 
 def load_state(run, state):
@@ -306,8 +301,7 @@ def plot_losses(path, history, size=(720, 420), box=(64, 40, 656, 376)):
         img.save(f, format="PNG")
 
 
-# -----------------------------------------------------------------------------
-# The command line
+# ----------------------------------------------------------------------------- the command line
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="Train SupraVL-Nano.", epilog=__doc__.split("Run:")[1],
@@ -365,8 +359,7 @@ def main(argv=None):
             dist.destroy_process_group()
 
 
-# -----------------------------------------------------------------------------
-# Robustness: Ctrl-C, and the data on every rank
+# ----------------------------------------------------------------------------- Ctrl-C, every rank
 
 STOP = []  # the Ctrl-C handler (main) appends True: stop at the next step boundary
 
