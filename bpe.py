@@ -283,6 +283,9 @@ def form_of(d, check):
     """Tokenizer's arguments for how tokenizer.json d splits and joins text, else check fails: ByteLevel
     (add_prefix_space; no use_regex: the text is one word), or the quick tour's Whitespace(Split) BPE
     (fuse_unk, end_of_word_suffix), its pieces joined by spaces ("a dog run s") or a BPEDecoder."""
+    loose = [k for k in ("normalizer", "pre_tokenizer", "post_processor", "decoder")
+             if not isinstance(d.get(k), (dict, type(None)))]  # e.g. a bare "ByteLevel"
+    check(not loose, f"{', '.join(loose)} must be a JSON object or null")
     kind = {key: v.get("type") if isinstance(v, dict) else v for key, v in d.items()}  # "ByteLevel", None
     m, pre, dec, post = d["model"], kind.get("pre_tokenizer"), kind.get("decoder"), kind.get("post_processor")
     check(m.get("type", "BPE") == "BPE", f"model type {m.get('type')!r} is not supported, only BPE")

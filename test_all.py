@@ -199,6 +199,8 @@ def test_bad_tokenizer_files_raise_clear_errors(tok, tmp_path):
         "bert pre": (_edit(quick_tour, lambda d: d.update({pre: {"type": "BertPreTokenizer"}})),
                      "pre_tokenizer 'BertPreTokenizer'"),
         "no pre": (_edit(quick_tour, lambda d: d.update({pre: None})), "pre_tokenizer None"),
+        "bare pre": (_edit(good, lambda d: d.update({pre: "ByteLevel"})), "pre_tokenizer must be a JSON object"),
+        "bare decoder": (_edit(quick_tour, lambda d: d.update({dec: "BPEDecoder"})), "decoder must be a JSON"),
         "no decoder": (_edit(good, lambda d: d.update({dec: None})), "decoder None"),
         "byte decoder": (_edit(quick_tour, lambda d: d.update({dec: {"type": "ByteLevel"}})),
                          "decoder 'ByteLevel'"),
