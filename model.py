@@ -5,8 +5,8 @@ model.py: SupraVL-Nano, a tiny CNN and a tiny GPT that caption images, exact to 
         -> AdaptiveAvgPool 4x4 -> 16 tokens x 64 -> Linear -> (B,16,128) = the visual tokens
     [visual tokens, BOS, w1, w2, ...] + positions -> 3 pre-LN blocks -> LayerNorm -> lm_head (tied to tok_emb)
 
-698,624 parameters with the card's 2048-token vocabulary (the tied matrix counted once).
-Left out: the tokenizer (bpe.py), image loading and normalisation (data.py), training (train.py).
+698,624 parameters with the card's 2048-token vocabulary (the tied matrix counted once). Last, the weights on
+disk: safetensors by hand. Left out: the tokenizer (bpe.py), images (data.py), training (train.py).
 Tests: the model section of test_all.py (python -m pytest -q test_all.py runs them all).
 Use it like:  model = VLM(Config()).eval(); model.generate_beam(images) -> [[ids...], ...]
 """
