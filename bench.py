@@ -116,7 +116,7 @@ def bench_training(quick):
     contexts = {"fp32": lambda: common.precision("cpu", torch.float32),
                 "bf16": lambda: common.precision("cpu", torch.bfloat16),
                 "bf16, SDPA's default kernel": lambda: torch.autocast("cpu", dtype=torch.bfloat16)}
-    for name, T in (("28 tokens (Flickr8k's longest)", 28), ("16 tokens (shapes)", 16)):
+    for T, source in ((28, "Flickr8k's longest"), (16, "shapes")):
         torch.manual_seed(0)
         model = VLM(Config())
         opt = train.make_optimizer(model, argparse.Namespace(lr=3e-4, weight_decay=0.01))
@@ -134,7 +134,7 @@ def bench_training(quick):
         for label, context in contexts.items():
             step(context)
             t = times[label] = best_time(lambda: step(context), 3 if quick else 8)
-            row(f"train step, batch 64, {name}, {label}", f"{64 / t:.0f} img/s",
+            row(f"train step, batch 64, {T} tokens ({source}), {label}", f"{64 / t:.0f} img/s",
                 f"{flops / 64 / 1e6:.0f} MFLOP/img", f"{flops / t / peak:.0%} of fp32 peak")
     images = torch.randint(0, 256, (6000, 112, 112, 3), dtype=torch.uint8)
     tokens, image_of = torch.randint(0, 2048, (30000, 49)), torch.arange(30000) // 5
@@ -187,10 +187,10 @@ def main():
         names = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
     print(f"\nmachine: {names[0] if names else platform.machine()}, {os.cpu_count()} cores, torch "
           f"{torch.__version__} ({torch.get_num_threads()} threads), python {platform.python_version()}")
-    w = [max(len(r[i]) for r in ROWS) for i in range(4)]
-    ROWS.insert(1, tuple("-" * k for k in w))
+    widths = [max(map(len, column)) for column in zip(*ROWS)]
+    ROWS.insert(1, tuple("-" * w for w in widths))
     for r in ROWS:
-        print("  ".join(s.ljust(k) for s, k in zip(r, w)))
+        print("  ".join(s.ljust(w) for s, w in zip(r, widths)))
     print(f"bench took {time.time() - t0:.0f} s")
 
 

@@ -25,6 +25,8 @@ import data
 import scores
 from common import UserError, add_data_flags, atomic_write, check_flags, cli, load_model, pick_device
 
+CELL, LABEL, COLUMNS = 128, 18, 6  # panel size in pixels, text strip under it, panels per row
+
 
 def word_attention(tok, ids, attn):
     """[(word, (n_vis,) attention), ...] for one caption: attn (len(ids), n_layers, n_vis) averaged over the
@@ -33,9 +35,6 @@ def word_attention(tok, ids, attn):
     owner = [max(len(tok.decode(ids[:k + 1]).split()) - 1, 0) for k in range(len(ids))]  # token k's word
     return [(word, maps[[k for k, o in enumerate(owner) if o == w]].mean(0) if w in owner
              else torch.zeros(maps.size(1))) for w, word in enumerate(tok.decode(ids).split())]
-
-
-CELL, LABEL, COLUMNS = 128, 18, 6  # panel size in pixels, text strip under it, panels per row
 
 
 def draw_attention(image_uint8, words_maps, path):
@@ -86,12 +85,12 @@ def caption_files(args, model, tok, device):
             continue
         images = np.stack([image for _, _, image in batch])  # (B, S, S, 3) uint8
         out = scores.caption(model, tok, images, return_attn=bool(args.attn), **opts)
-        texts = out[0] if args.attn else out  # the first sample is the one drawn: the same caption
+        samples = [out[0] if args.attn else out]  # the first sample is the one drawn: the same caption
         stem, ext = os.path.splitext(args.attn or "")
         for j, (i, _, image) in enumerate(batch if args.attn else []):  # attn.png, or attn_1.png... by place
             words = word_attention(tok, out[1][j], out[2][j])
             draw_attention(image, words, args.attn if len(args.img) == 1 else f"{stem}_{i + 1}{ext}")
-        samples = [texts] + [scores.caption(model, tok, images, **opts) for _ in range(args.num_samples - 1)]
+        samples += [scores.caption(model, tok, images, **opts) for _ in range(args.num_samples - 1)]
         for j, (_, path, _) in enumerate(batch):
             for texts in samples:
                 print(f"{path}\t{texts[j]}", flush=True)
@@ -137,7 +136,8 @@ def get_args(argv=None):
     add_data_flags(p, default="flickr8k")
     p.add_argument("--json", help="write the scores here")
     a = p.parse_args(argv)
-    check_flags(a, [("--beam-width", a.beam_width >= 1, "at least 1"), ("--top-k", a.top_k >= 1, "at least 1"),
+    check_flags(a, [("--beam-width", a.beam_width >= 1, "at least 1"),
+                    ("--top-k", a.top_k >= 1, "at least 1"),
                     ("--temperature", a.temperature > 0, "above 0"),
                     ("--length-penalty", a.length_penalty >= 0, "0 or more"),
                     ("--num-samples", a.num_samples >= 1, "at least 1"),

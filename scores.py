@@ -41,36 +41,33 @@ def ngrams(words, n=4):
 
 
 def bleu(references, hypotheses):
-    """Corpus BLEU-1..4 exactly as pycocoevalcap's BleuScorer with option "closest"; references: one list
-    of caption strings per image, hypotheses: one string per image. Matches are clipped by the largest
-    count in any one reference; the brevity penalty compares the summed lengths, each reference length the
-    one closest to its hypothesis (ties: the shorter). coco's smoothing: tiny=1e-15 on matches, small=1e-9
-    on guesses, so a corpus with no 4-gram at all scores (1e-6)**(1/4), not 0."""
+    """Corpus BLEU-1..4 as pycocoevalcap's BleuScorer with option "closest"; a list of references and one
+    hypothesis per image. Matches are clipped at the largest count in any one reference; the brevity penalty
+    compares summed lengths, per image the reference length closest to the hypothesis's (ties: the shorter).
+    coco's smoothing (tiny on matches, small on guesses): no 4-gram at all scores (1e-6)**(1/4), not 0."""
     if len(references) != len(hypotheses):
         raise ValueError(f"bleu: {len(references)} reference lists for {len(hypotheses)} hypotheses")
     tiny, small = 1e-15, 1e-9
-    correct, guess, hyp_len, ref_len = [0] * 4, [0] * 4, 0, 0
+    correct, guess, ref_len = [0] * 4, [0] * 4, 0
     for refs, hyp in zip(references, hypotheses):
         words = hyp.split()
         max_ref = Counter()
         for ref in refs:
             max_ref |= ngrams(ref.split())  # | keeps the larger count of each n-gram
-        hyp_len += len(words)
         ref_len += min((abs(len(r.split()) - len(words)), len(r.split())) for r in refs)[1]
         for gram, count in ngrams(words).items():
             guess[len(gram) - 1] += count
             correct[len(gram) - 1] += min(count, max_ref[gram])
-    ratio = (hyp_len + tiny) / (ref_len + small)
+    ratio = (guess[0] + tiny) / (ref_len + small)  # guess[0], the unigrams: the hypotheses' length
     brevity = math.exp(1 - 1 / ratio) if ratio < 1 else 1.0
     precisions = [(c + tiny) / (g + small) for c, g in zip(correct, guess)]  # n = 1..4
     return [math.prod(precisions[:k + 1]) ** (1 / (k + 1)) * brevity for k in range(4)]  # geometric means
 
 
 def cider(references, hypotheses, n=4, sigma=6.0):
-    """CIDEr-D exactly as pycocoevalcap's CiderScorer: the mean over images of
-    10 * mean over n=1..4 of mean over refs of clipped-cosine(tf-idf hyp, tf-idf ref) * length penalty.
-    Document frequencies come from the references of the evaluated set (an n-gram counts once per
-    image), idf = log(n_images) - log(max(1, df)), so one image alone always scores 0."""
+    """CIDEr-D exactly as pycocoevalcap's CiderScorer: the mean over images of 10 * mean over n=1..4 of mean
+    over refs of clipped-cosine(tf-idf hyp, tf-idf ref) * length penalty. df: how many evaluated images have
+    the n-gram in a reference; idf = log(n_images) - log(max(1, df)), so one image alone scores 0."""
     if len(references) != len(hypotheses):
         raise ValueError(f"cider: {len(references)} reference lists for {len(hypotheses)} hypotheses")
     ref_counts = [[ngrams(r.split(), n) for r in refs] for refs in references]
