@@ -43,7 +43,7 @@ from model import VLM, Config
 # finish on a laptop CPU, so its first epochs see 56x56 images (README: "the laptop path").
 RECIPES = {
     "flickr8k": dict(epochs=15, batch_size=64, lr=1e-3, min_lr=3e-5, warmup_steps=200, half_res_epochs=0),
-    "shapes": dict(epochs=6, batch_size=64, lr=2e-3, min_lr=1e-5, warmup_steps=100, half_res_epochs=3)}
+    "shapes": dict(epochs=6, batch_size=64, lr=2e-3, min_lr=1e-5, warmup_steps=100, half_res_epochs=5)}
 SHARED = dict(weight_decay=0.01, grad_clip=1.0, seed=1337, vocab_size=2048, n_vis=16, dropout=0.0,
               log_interval=20, eval_interval=None, dtype="auto")  # eval_interval None: a tenth of the run
 SETTINGS = ("data", "data_dir", "prep_dir", *RECIPES["shapes"], *SHARED)  # what a checkpoint remembers
