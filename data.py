@@ -81,6 +81,13 @@ def _shift_scale(device):
     return (-mean / std).to(device), (1.0 / (255.0 * std)).to(device)
 
 
+def half_size(images, chunk=512):
+    """uint8 (N, S, S, 3) tensor -> uint8 (N, S/2, S/2, 3), each 2x2 block of pixels averaged and rounded."""
+    S = images.shape[1] // 2
+    sums = [c.view(-1, S, 2, S, 2, 3).sum((2, 4), dtype=torch.int16) for c in images.split(chunk)]  # bounded
+    return ((torch.cat(sums) + 2) // 4).to(torch.uint8)
+
+
 # ----------------------------------------------------------------------------- the prepared format
 @dataclass
 class Split:

@@ -1606,6 +1606,13 @@ def test_half_res_epochs_train_on_56_pixel_images_then_112(shapes_dir, tmp_path,
     assert sizes == [56] * 15 + [112] * 15  # 15 steps an epoch
 
 
+def test_half_size_averages_2x2_blocks():
+    images = torch.randint(0, 256, (5, 8, 8, 3), dtype=torch.uint8)
+    got = data.half_size(images, chunk=2)
+    want = torch.nn.functional.avg_pool2d(images.permute(0, 3, 1, 2).float(), 2).permute(0, 2, 3, 1)
+    assert got.dtype == torch.uint8 and got.shape == (5, 4, 4, 3) and (got - want).abs().max() <= 0.5
+
+
 def test_teacher_forcing_rows(shapes_dir):
     split = data.load_split(str(shapes_dir), "val")
     tok = train.Tokenizer.train([c for cs in split.captions for c in cs], 300)

@@ -26,7 +26,6 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -45,7 +44,7 @@ RECIPES = {
     "flickr8k": dict(epochs=15, batch_size=64, lr=1e-3, min_lr=3e-5, warmup_steps=200, half_res_epochs=0),
     "shapes": dict(epochs=6, batch_size=64, lr=2e-3, min_lr=1e-5, warmup_steps=100, half_res_epochs=5)}
 SHARED = dict(weight_decay=0.01, grad_clip=1.0, seed=1337, vocab_size=2048, n_vis=16, dropout=0.0,
-              log_interval=20, eval_interval=None, dtype="auto")  # eval_interval None: a tenth of the run
+              log_interval=20, eval_interval=None, dtype="auto")  # None: a tenth of the run, rounded up
 SETTINGS = ("data", "data_dir", "prep_dir", *RECIPES["shapes"], *SHARED)  # what a checkpoint remembers
 FIXED = ("data", "batch_size", "seed", "vocab_size", "n_vis", "dropout")  # on --resume: another run if changed
 
@@ -143,12 +142,13 @@ def train(args):
     # A step's inputs live on the device (Flickr8k's uint8 images are 225 MB): a batch is a gather
     tokens, image_of, lengths, images = on_device(train_split, tok, model.config.max_seq, device)
     val = on_device(val_split, tok, model.config.max_seq, device)
+    small = data.half_size(images) if args.half_res_epochs else None  # made once, not at every step
     steps_per_epoch = len(lengths) // world // args.batch_size
     total = args.epochs * steps_per_epoch
     if not run.step < total:
         raise UserError(f"--epochs {args.epochs}: {total} steps of {len(lengths)} pairs, and the run is at "
                         f"step {run.step}" + ("" if total else "; fewer pairs than one batch"))
-    stop_at, every = min(total, args.max_steps or total), args.eval_interval or max(1, total // 10)
+    stop_at, every = min(total, args.max_steps or total), args.eval_interval or -(-total // 10)
     log(f"{len(lengths):,} training pairs, {args.epochs} epochs of {steps_per_epoch} steps: {total} steps")
 
     t0, seen, order = time.time(), 0, None
@@ -162,9 +162,9 @@ def train(args):
             g["lr"] = lr
         if args.dropout:  # its masks: a function of (step, rank), so ranks differ and resume needs no RNG
             torch.manual_seed(args.seed + run.step * world + rank)
-        x, ids, targets = get_batch(order[i], longest[i], tokens, image_of, images)
-        if epoch < args.half_res_epochs:  # the CNN's adaptive pool still makes 16 tokens of a 56x56 image
-            x = F.avg_pool2d(x, 2)  # (B, 3, 56, 56): a quarter of the conv work (README: "the laptop path")
+        # --half-res-epochs: 56x56 images, a quarter of the conv work, and still 16 visual tokens
+        pixels = small if epoch < args.half_res_epochs else images
+        x, ids, targets = get_batch(order[i], longest[i], tokens, image_of, pixels)
         with autocast():
             _, loss = fast(x, ids, targets)
         run.scaler.scale(loss).backward()
