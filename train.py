@@ -7,7 +7,7 @@ eval.json (validation scores) and the published layout (model.safetensors, confi
 Left out on purpose: gradient accumulation, EMA weights, data augmentation, learning-rate finders.
 
 Run:
-    python train.py --data shapes                        # offline, under 3 minutes on a 2-core CPU
+    python train.py --data shapes                        # offline, about 2.5 minutes on a 2-core CPU
     python train.py --data shapes --n-vis 1              # the ablation: one pooled visual token, not 16
     python train.py                                      # Flickr8k on the best device (downloads it once)
     python train.py --resume                             # continue after Ctrl-C, kill -9 or --max-steps
