@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from bpe import Tokenizer
-from model import VLM, Config, read_safetensors, write_safetensors
+from model import VLM, Config, read_safetensors, safetensors_bytes
 
 
 class UserError(Exception):
@@ -273,7 +273,8 @@ TOKEN_IDS = {"bos_id": "bos_token_id", "eos_id": "eos_token_id", "pad_id": "pad_
 def save_pretrained(out_dir, model, tok):
     """model.safetensors (the tied head under both names, for strict loaders), config.json, tokenizer.json."""
     os.makedirs(out_dir, exist_ok=True)
-    write_safetensors(os.path.join(out_dir, "model.safetensors"), model.state_dict(), {"format": "pt"})
+    with atomic_write(os.path.join(out_dir, "model.safetensors")) as f:
+        f.write(safetensors_bytes(model.state_dict(), {"format": "pt"}))
     config = {field.upper(): getattr(model.config, field) for field in CONFIG_FIELDS}
     config.update({hf_key: getattr(model.config, field) for field, hf_key in TOKEN_IDS.items()})
     with atomic_write(os.path.join(out_dir, "config.json"), "w") as f:

@@ -277,7 +277,8 @@ DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF1
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 
-def write_safetensors(path, tensors, metadata=None):
+def safetensors_bytes(tensors, metadata=None):
+    """{name: tensor} -> the bytes of a .safetensors file (common.save_pretrained writes them atomically)."""
     header = {"__metadata__": {str(k): str(v) for k, v in metadata.items()}} if metadata else {}
     data = bytearray()  # the tensors' bytes so far: len(data) is where the next one starts
     for name, t in tensors.items():
@@ -288,9 +289,7 @@ def write_safetensors(path, tensors, metadata=None):
         data += raw
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)  # the tensors start 8-byte aligned
-    with open(path + ".tmp", "wb") as f:  # then renamed over path: a crash never leaves half a file
-        f.write(struct.pack("<Q", len(text)) + text + data)
-    os.replace(path + ".tmp", path)
+    return struct.pack("<Q", len(text)) + text + data
 
 
 def read_safetensors(path):

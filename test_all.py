@@ -37,7 +37,7 @@ import scores
 import train
 from bpe import BYTE_TO_CHAR, SPECIALS, Tokenizer
 from common import UserError
-from model import VLM, Config, read_safetensors, write_safetensors
+from model import VLM, Config, read_safetensors, safetensors_bytes
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SHARED = os.path.join(HERE, "..", "shared", "flickr8k")
@@ -836,7 +836,7 @@ def example_tensors():
 def test_safetensors_round_trip_and_alignment(tmp_path):
     path = str(tmp_path / "t.safetensors")
     tensors = example_tensors()
-    write_safetensors(path, tensors, metadata={"format": "pt"})
+    Path(path).write_bytes(safetensors_bytes(tensors, {"format": "pt"}))
     blob = open(path, "rb").read()
     (n,) = struct.unpack("<Q", blob[:8])
     assert n % 8 == 0 and json.loads(blob[8:8 + n])["__metadata__"] == {"format": "pt"}
@@ -850,7 +850,7 @@ def test_safetensors_interop_with_the_real_library(tmp_path):
     st = pytest.importorskip("safetensors.torch")
     ours, theirs = str(tmp_path / "ours.safetensors"), str(tmp_path / "theirs.safetensors")
     tensors = example_tensors()
-    write_safetensors(ours, tensors, metadata={"format": "pt"})
+    Path(ours).write_bytes(safetensors_bytes(tensors, {"format": "pt"}))
     loaded = st.load_file(ours)
     assert all(torch.equal(loaded[k], t) and loaded[k].dtype == t.dtype for k, t in tensors.items())
     st.save_file(tensors, theirs, metadata={"format": "pt"})
@@ -1391,7 +1391,7 @@ def published_folder(path, model, tok, weights, **config):
     (path / "config.json").write_text(json.dumps(nine | config))
     tok.save(str(path / "tokenizer.json"))
     if isinstance(weights, dict):
-        write_safetensors(str(path / "model.safetensors"), weights)
+        (path / "model.safetensors").write_bytes(safetensors_bytes(weights))
     else:
         torch.save(weights[0], path / "model.pt")
     return str(path)
