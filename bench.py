@@ -32,16 +32,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 SHARED = os.path.join(HERE, "..", "shared", "flickr8k")
 ROWS = [("measurement", "ours", "baseline", "ratio")]  # the table's header, then a row per figure
 
-
 def row(what, ours, baseline="", ratio=""):
     ROWS.append((what, ours, baseline, ratio))
     print(f"  {what}: {ours}  {baseline}  {ratio}", file=sys.stderr)
 
-
 def best_time(fn, repeats):
     """Best wall time of `repeats` calls, the least disturbed by other work; gc on, as in real use."""
     return min(timeit.repeat(fn, "gc.enable()", number=1, repeat=repeats))
-
 
 def bench_tokenizer(quick):
     folder = next((f for f in (SHARED, os.path.join(HERE, "data", "flickr8k"))
@@ -63,7 +60,6 @@ def bench_tokenizer(quick):
         f"plain trainer {t_plain * 1000:.0f} ms", f"{t_plain / t_fast:.0f}x")
     bpe_vs_words(folder, captions)
 
-
 def bpe_vs_words(folder, captions):
     """The card's choice of BPE: 2048 BPE tokens vs 2048 whole words, from train captions, on test ones."""
     split = lambda name: [c for n in open(os.path.join(folder, data.SPLIT_LISTS[name])).read().split()
@@ -78,7 +74,6 @@ def bpe_vs_words(folder, captions):
     row(f"{len(test_caps):,} test captions, 2048 BPE tokens", f"0% unknown, {per_caption:.1f} tokens/caption",
         f"2048 whole words: {unknown:.1%} unknown, {len(test_words) / len(test_caps):.1f} tokens/caption")
 
-
 @torch.no_grad()
 def card_beam(model, image, width, max_new):
     """The card's beam search: one image, one beam at a time, the whole sequence every step."""
@@ -90,7 +85,6 @@ def card_beam(model, image, width, max_new):
             cands += [(ids + [int(i)], score + float(v)) for v, i in zip(*top)]
         beams = sorted(cands, key=lambda c: -c[1])[:width]
     return beams[0][0][1:]
-
 
 def bench_generation(quick):
     """Cached, batched decoding vs the card's plain loops, same weights."""
@@ -106,7 +100,6 @@ def bench_generation(quick):
         t_ours = best_time(ours, 1 if quick else 3) / n
         row(f"generate {name}, 48 tokens, {n} images, per image", f"{t_ours * 1000:.1f} ms",
             f"plain loop {t_plain * 1000:.0f} ms", f"{t_plain / t_ours:.0f}x")
-
 
 def bench_training(quick):
     """Steps as train.py runs them on the CPU (common.precision) vs SDPA's default kernel; a batch gather."""
@@ -147,7 +140,6 @@ def bench_training(quick):
     row("batch of 64 gathered + normalised", f"{1 / t_batch:.0f} batch/s",
         f"bf16 train step {times['bf16']:.3f} s", f"{times['bf16'] / t_batch:.0f}x headroom")
 
-
 def bench_preparation(quick):
     src = os.path.join(SHARED, "images128")
     if not os.path.isdir(src):
@@ -161,7 +153,6 @@ def bench_preparation(quick):
                          (f"{len(big)} 500x375 JPEGs -> 112px", big)):
             t = best_time(lambda: data.decode_images(ps, 112), 1)
             row(f"prepare {what}", f"{len(ps) / t:.0f} img/s", f"8091 images: {8091 * t / len(ps):.0f} s")
-
 
 def bench_sampling(quick):
     with tempfile.TemporaryDirectory() as tmp:
@@ -177,7 +168,6 @@ def bench_sampling(quick):
         images = torch.randint(0, 256, (256 if quick else 1000, 112, 112, 3), dtype=torch.uint8)
         t = best_time(lambda: scores.caption(model.eval(), tok, images, strategy="beam"), 1)
         row(f"beam-3 captions of {len(images)} images (untrained model)", f"{len(images) / t:.0f} captions/s")
-
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -196,7 +186,6 @@ def main():
     for r in ROWS:
         print("  ".join(s.ljust(w) for s, w in zip(r, widths)))
     print(f"bench took {time.time() - t0:.0f} s")
-
 
 if __name__ == "__main__":
     main()

@@ -40,7 +40,6 @@ UNPRINTABLE = [b for b in range(256) if b not in PRINTABLE]
 BYTE_TO_CHAR = {b: chr(b) for b in PRINTABLE} | {b: chr(256 + n) for n, b in enumerate(UNPRINTABLE)}
 CHAR_TO_BYTE = {c: b for b, c in BYTE_TO_CHAR.items()}
 
-
 def read_text(path):
     """The UTF-8 text of a file, or a ValueError naming the file."""
     try:
@@ -50,7 +49,6 @@ def read_text(path):
         raise ValueError(f"{path}: cannot read ({e.strerror})") from None
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not UTF-8 text ({e})") from None
-
 
 def merge(ids, pair, new_id):
     """Replace each occurrence of pair, left to right: merge([5, 6, 5, 6, 6], (5, 6), 9) -> [9, 9, 6]."""
@@ -62,7 +60,6 @@ def merge(ids, pair, new_id):
             out.append(i)
     return out
 
-
 # -----------------------------------------------------------------------------
 def start_training(texts, vocab_size):
     """Byte b as token 3 + b, each token kept as the string tokenizer.json writes (b" dog" is "Ġdog");
@@ -72,7 +69,6 @@ def start_training(texts, vocab_size):
     word_counts = Counter(w for text in texts for w in SPLIT.findall(text))
     words = [[3 + b for b in w.encode("utf-8", "surrogatepass")] for w in word_counts]
     return {3 + b: BYTE_TO_CHAR[b] for b in range(256)}, words, list(word_counts.values())
-
 
 def train_simple(texts, vocab_size):
     """Learn merges until there are vocab_size tokens (3 specials + 256 bytes + merges); returns
@@ -100,7 +96,6 @@ def train_simple(texts, vocab_size):
         merges.append(pair)
         words = [merge(w, pair, new_id) for w in words]
     return vocab, merges
-
 
 def train_fast(texts, vocab_size):
     """train_simple's merges, 50x faster on 4,000 captions (140x on all 40,460): a merge changes only the
@@ -149,7 +144,6 @@ def train_fast(texts, vocab_size):
                 heapq.heappush(heap, (-stats[p], p))
     return vocab, merges
 
-
 def tokenizer_json(vocab, merges):
     """A trained tokenizer's tokenizer.json: <pad>, <bos>, <eos> = 0, 1, 2 and GPT-2's ByteLevel BPE."""
     added = [{"id": i, "content": s, "single_word": False, "lstrip": False, "rstrip": False,
@@ -162,7 +156,6 @@ def tokenizer_json(vocab, merges):
     return json.dumps({"version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
                        "normalizer": None, "pre_tokenizer": byte_level, "post_processor": None,
                        "decoder": byte_level, "model": model}, ensure_ascii=False, indent=1)
-
 
 # -----------------------------------------------------------------------------
 class Tokenizer:
@@ -278,7 +271,6 @@ class Tokenizer:
     def load(cls, path):
         return cls.from_json(read_text(path), path)
 
-
 def form_of(d, check):
     """Tokenizer's arguments for how tokenizer.json d splits and joins text, else check fails: ByteLevel
     (add_prefix_space; no use_regex: the text is one word), or the quick tour's Whitespace(Split) BPE
@@ -304,7 +296,6 @@ def form_of(d, check):
             "byte_level": byte_level, "prefix_space": bool(d["pre_tokenizer"].get("add_prefix_space")),
             "suffix": m.get("end_of_word_suffix") or "", "fuse_unk": bool(m.get("fuse_unk")),
             "decoder_suffix": d["decoder"].get("suffix", "</w>") if dec == "BPEDecoder" else None}
-
 
 # -----------------------------------------------------------------------------
 def main():
@@ -338,7 +329,6 @@ def main():
     except (ValueError, OSError) as e:  # OSError: --out cannot be written
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-
 
 if __name__ == "__main__":
     main()

@@ -27,10 +27,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from bpe import Tokenizer
 from model import VLM, Config, read_safetensors, safetensors_bytes
 
-
 class UserError(Exception):
     """A problem the user can fix: a bad flag, file, folder or URL. The message names it, in one line."""
-
 
 def cli(main):
     """Run main(): a UserError, an OSError or a full GPU: one stderr line and exit status 2 (Ctrl-C: 130)."""
@@ -48,7 +46,6 @@ def cli(main):
     print("error: " + message.replace("\n", " "), file=sys.stderr)
     sys.exit(code)
 
-
 @contextlib.contextmanager
 def atomic_write(path, mode="wb"):
     """Write path.tmp, then rename it over path: a full disk or a kill midway leaves the old file whole."""
@@ -61,9 +58,7 @@ def atomic_write(path, mode="wb"):
         if os.path.exists(tmp):
             os.remove(tmp)
 
-
 _progress = {"open": False, "shown": 0.0}
-
 
 def progress(text, end=False):
     """Redraw the one status line on stderr: at most twice a second, and always the last time."""
@@ -72,9 +67,7 @@ def progress(text, end=False):
         sys.stderr.flush()
         _progress.update(open=not end, shown=time.time())
 
-
 # ----------------------------------------------------------------------------- devices, precision, processes
-
 def device_problem(name):
     """None when a tensor can be made on device `name`, else why not, in a few words."""
     kind = name.split(":")[0]
@@ -91,7 +84,6 @@ def device_problem(name):
         return f"present but unusable ({type(e).__name__}: {str(e).splitlines()[0][:150]})"
     return None
 
-
 def pick_device(name="auto"):
     """"auto": cuda, else mps, else cpu, whichever first works; a named device must work."""
     if name != "auto":
@@ -107,7 +99,6 @@ def pick_device(name="auto"):
             print(f"note: {kind} {problem}; using the cpu", file=sys.stderr)
     return "cpu"
 
-
 def pick_dtype(name, device):
     if name != "auto":
         return getattr(torch, name), "asked for"
@@ -122,7 +113,6 @@ def pick_dtype(name, device):
         return torch.bfloat16, "the CPU has native bf16 instructions: faster than fp32, bench.py"
     return torch.float32, "no fast low precision on this device"
 
-
 def keep_freed_memory():
     """Ask glibc to keep freed memory: a CPU step frees ~50 MB of conv activations, which would otherwise come
     back as page faults and zero-fills. Steps 1.1x (fp32) to 1.25x (bf16) faster; peak memory stays held."""
@@ -131,7 +121,6 @@ def keep_freed_memory():
         libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD: blocks under 1 GB come from the reusable heap
         libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: keep up to 1 GB of freed heap
 
-
 @contextlib.contextmanager
 def precision(device, dtype):
     """Autocast to dtype (float32: off), and on the CPU SDPA's plain math kernel, because its flash
@@ -139,7 +128,6 @@ def precision(device, dtype):
     kernels = sdpa_kernel(SDPBackend.MATH) if device == "cpu" else contextlib.nullcontext()
     with torch.autocast(device.split(":")[0], dtype=dtype, enabled=dtype != torch.float32), kernels:
         yield
-
 
 def setup(args):
     """(device, dtype, rank, world, log), and torchrun's process group; only rank 0 logs."""
@@ -160,9 +148,7 @@ def setup(args):
     log(f"device {device}, {str(dtype)[6:]} ({why}), {world} process{'es' if world > 1 else ''}")
     return device, dtype, rank, world, log
 
-
 # ----------------------------------------------------------------------------- flags
-
 def add_data_flags(parser, default):
     """--data, --data-dir, --prep-dir: the same three flags in data.py, train.py and sample.py."""
     parser.add_argument("--data", choices=["flickr8k", "shapes"], default=default)
@@ -170,16 +156,13 @@ def add_data_flags(parser, default):
     parser.add_argument("--prep-dir", help="where the prepared arrays go; default: --data-dir (set it when "
                         "--data-dir is read-only, e.g. ../shared/flickr8k)")
 
-
 def check_flags(args, rules):
     """rules: [(flag, ok, what is allowed), ...], e.g. ("--epochs", args.epochs >= 1, "at least 1")."""
     for flag, ok, allowed in rules:
         if not ok:
             raise UserError(f"{flag} {getattr(args, flag[2:].replace('-', '_'))}: must be {allowed}")
 
-
 # ----------------------------------------------------------------------------- downloads and archives
-
 def download(url, dest, advice, retries=4, backoff=1.0, timeout=(10, 60)):
     """Streams url to dest via dest.part, which the next try resumes; dest appears only when whole. HTTP 5xx,
     a dropped link or a short body is retried 1, 2, 4, 8 s later; else a UserError that ends with `advice`."""
@@ -220,7 +203,6 @@ def download(url, dest, advice, retries=4, backoff=1.0, timeout=(10, 60)):
         why = f"got {got} of {total} bytes"
     raise UserError(f"{url}: download failed after {retries + 1} tries ({why}); {advice}")
 
-
 def extract_zip(path, dest_dir):
     """path into dest_dir, all or nothing: refused if an entry is absolute or has '..', removed if corrupt."""
     tmp = os.path.join(dest_dir, ".extract.tmp")  # nothing moves into place until all of it is out
@@ -245,9 +227,7 @@ def extract_zip(path, dest_dir):
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
-
 # ----------------------------------------------------------------------------- torch checkpoints
-
 def load_torch(path):
     """torch.load with weights_only=True (tensors, numbers, strings, never code); a failure is one line."""
     if not os.path.exists(path):
@@ -261,14 +241,11 @@ def load_torch(path):
         first = str(e).split("\n")[0].split(". ")[0][:120]  # torch's messages run on for lines
         raise UserError(f"{path}: not a readable PyTorch checkpoint ({first})") from None
 
-
 # ----------------------------------------------------------------------------- the published layout
-
 # config.json: the nine Config fields in upper case (D_MODEL); the token ids also under Hugging Face's names.
 CONFIG_FIELDS = ("d_model", "n_heads", "n_layers", "d_ff", "vis_ch", "n_vis", "vocab_size", "max_seq",
                  "img_size")
 TOKEN_IDS = {"bos_id": "bos_token_id", "eos_id": "eos_token_id", "pad_id": "pad_token_id"}
-
 
 def save_pretrained(out_dir, model, tok):
     """model.safetensors (the tied head under both names, for strict loaders), config.json, tokenizer.json."""
@@ -280,7 +257,6 @@ def save_pretrained(out_dir, model, tok):
     with atomic_write(os.path.join(out_dir, "config.json"), "w") as f:
         f.write(json.dumps(config, indent=2) + "\n")
     tok.save(os.path.join(out_dir, "tokenizer.json"))
-
 
 def read_config_json(path, tok):
     """Config fields from config.json; a token id it lacks is the tokenizer's, else Config's (the seed's)."""
@@ -294,7 +270,6 @@ def read_config_json(path, tok):
         found = [published.get(field.upper()), published.get(hf_key), getattr(tok, field)]
         fields[field] = next((i for i in found if i is not None), getattr(Config, field))
     return fields
-
 
 def read_checkpoint(path):
     """(weights, Config fields, their file, tokenizer): in a ckpt.pt, or in the files beside the weights."""
@@ -319,7 +294,6 @@ def read_checkpoint(path):
     tok = Tokenizer.load(os.path.join(folder, "tokenizer.json"))
     config_path = os.path.join(folder, "config.json")
     return weights, read_config_json(config_path, tok), config_path, tok
-
 
 def load_model(path, device="cpu"):
     """(model in eval mode on device, tokenizer) from a ckpt.pt, a published folder, or a model.pt."""
@@ -358,12 +332,9 @@ def load_model(path, device="cpu"):
     model.load_state_dict(weights, strict=True)
     return model.to(device).eval(), tok
 
-
 # ----------------------------------------------------------------------------- a run's folder
-
 RUN_FILES = ("ckpt.pt", "best.pt", "loss.png", "model.safetensors", "config.json", "tokenizer.json",
              "eval.json")
-
 
 def check_out_dir(args, log):
     """A run never silently replaces another. Returns the checkpoint to resume, or None."""
@@ -383,7 +354,6 @@ def check_out_dir(args, log):
     for name in found:  # --overwrite: the old run goes as a whole, so the folder never mixes two runs
         os.remove(os.path.join(args.out_dir, name))
     os.makedirs(args.out_dir, exist_ok=True)
-
 
 def adopt_settings(args, state, fixed, log):
     """--resume: the checkpoint's settings; a flag given again wins (logged), or must match if in `fixed`."""

@@ -27,13 +27,11 @@ from common import UserError, add_data_flags, atomic_write, check_flags, cli, do
 
 SPLITS = ("train", "val", "test")
 
-
 # ----------------------------------------------------------------------------- captions and images
 def clean_caption(text):
     """The one normaliser of every caption: '  A dog  runs in the park . ' -> 'a dog runs in the park'."""
     text = " ".join(text.lower().split())
     return text[:-1].rstrip() if text.endswith(".") else text
-
 
 def load_image(path, size=112):
     """Any image Pillow reads -> uint8 (size, size, 3), squash-resized (no crop), BICUBIC."""
@@ -51,7 +49,6 @@ def load_image(path, size=112):
         raise UserError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
     return np.asarray(im, dtype=np.uint8)  # (size, size, 3)
 
-
 def _to_rgb(im):
     """Any mode -> RGB: transparency composited on white, 16/32-bit grey scaled (convert() would clip it)."""
     if im.mode in ("I", "F") or im.mode.startswith("I;16"):
@@ -63,7 +60,6 @@ def _to_rgb(im):
         im = Image.alpha_composite(Image.new("RGBA", im.size, "white"), im.convert("RGBA"))
     return im.convert("RGB")
 
-
 def normalize(images):
     """uint8 (B, H, W, 3), array or tensor on any device -> float32 (B, 3, H, W) with ImageNet mean/std."""
     images = torch.as_tensor(images)
@@ -73,20 +69,17 @@ def normalize(images):
     x = images.permute(0, 3, 1, 2)  # (B, 3, H, W), a view: HWC bytes are the channels_last layout convs want
     return torch.addcmul(shift, x.float(), scale)  # (x/255 - mean)/std in one pass
 
-
 @functools.cache  # once per device: a tensor made from a Python list is a host-to-device copy, a GPU sync
 def _shift_scale(device):
     mean = torch.tensor((0.485, 0.456, 0.406)).view(1, 3, 1, 1)  # ImageNet statistics
     std = torch.tensor((0.229, 0.224, 0.225)).view(1, 3, 1, 1)
     return (-mean / std).to(device), (1.0 / (255.0 * std)).to(device)
 
-
 def half_size(images, chunk=512):
     """uint8 (N, S, S, 3) tensor -> uint8 (N, S/2, S/2, 3), each 2x2 block of pixels averaged and rounded."""
     S = images.shape[1] // 2
     sums = [c.view(-1, S, 2, S, 2, 3).sum((2, 4), dtype=torch.int16) for c in images.split(chunk)]  # bounded
     return ((torch.cat(sums) + 2) // 4).to(torch.uint8)
-
 
 # ----------------------------------------------------------------------------- the prepared format
 @dataclass
@@ -95,11 +88,9 @@ class Split:
     images: np.ndarray  # uint8 (N, S, S, 3)
     captions: list  # N lists of cleaned captions
 
-
 def _split_paths(prep_dir, split, size):
     return (os.path.join(prep_dir, f"{split}_images_{size}.npy"),
             os.path.join(prep_dir, f"{split}_captions.json"))
-
 
 def save_split(prep_dir, split, names, images, captions, size):
     """Writes a split's two files, each atomically; load_split notices a pair from two different runs."""
@@ -108,7 +99,6 @@ def save_split(prep_dir, split, names, images, captions, size):
         np.save(f, np.ascontiguousarray(images, dtype=np.uint8))
     with atomic_write(cap_path, "w") as f:
         json.dump({"names": list(names), "captions": [list(c) for c in captions]}, f)
-
 
 def load_split(prep_dir, split, size=112, mmap_mode=None):
     """Reads a prepared split; a missing or malformed one is a UserError naming the file."""
@@ -135,14 +125,12 @@ def load_split(prep_dir, split, size=112, mmap_mode=None):
         raise UserError(f"{cap_path}: every image needs a non-empty list of caption strings")
     return Split(names, images, captions)
 
-
 # ----------------------------------------------------------------------------- shapes: the quick start's
 COLOURS = {"red": (215, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 225),  # far apart in RGB
            "yellow": (235, 215, 40), "purple": (140, 60, 190), "cyan": (40, 200, 215)}
 SHAPES = ("circle", "square", "triangle")
 RADII = {"small": (10.0, 12.0), "large": (19.0, 22.0)}  # half-extent, in units of a 112-pixel image
 GAP = 6.0  # minimum empty space between the two objects along the axis of their relation
-
 
 @dataclass
 class Obj:
@@ -156,12 +144,10 @@ class Obj:
     def phrase(self):
         return f"{self.size} {self.colour} {self.shape}"
 
-
 def _random_obj(rng):
     size = ("small", "large")[rng.integers(2)]
     return Obj(SHAPES[rng.integers(len(SHAPES))], list(COLOURS)[rng.integers(len(COLOURS))], size,
                0.0, 0.0, float(rng.uniform(*RADII[size])))
-
 
 def random_scene(rng):
     """One object, or two in a clear relation: gap >= GAP along its axis, offset across <= half that along."""
@@ -183,7 +169,6 @@ def random_scene(rng):
         a.x, a.y, b.x, b.y = across_a, along_a, across_b, along_b
     return [a, b] if rng.random() < 0.5 else [b, a]  # list order carries no meaning
 
-
 def scene_captions(objs):
     """Five true, differently worded captions; a relation is said both ways ('left of' and 'right of')."""
     if len(objs) == 1:
@@ -195,7 +180,6 @@ def scene_captions(objs):
     fwd, inv = ("to the left of", "to the right of") if horizontal else ("above", "below")
     return [f"a {a} {fwd} a {b}", f"a {b} {inv} a {a}", f"there is a {a} {fwd} a {b}",
             f"there is a {b} {inv} a {a}", f"a picture of a {a} {fwd} a {b}"]
-
 
 def draw_scene(objs, rng, size=112):
     """A muted, tinted grey background with a gentle gradient, then the objects -> uint8 (S, S, 3)."""
@@ -217,7 +201,6 @@ def draw_scene(objs, rng, size=112):
             draw.polygon([(x, y - r), (x - r, y + r), (x + r, y + r)], fill=fill)
     return np.asarray(im)
 
-
 def make_shapes(data_dir, sizes=(6000, 1000, 1000), seed=0, size=112, log=print):
     """The three splits, and contact_sheet.png of val, into data_dir. Each split has random streams of
     its own (so splits are disjoint), scenes apart from pixels (so captions are the same at any size)."""
@@ -238,7 +221,6 @@ def make_shapes(data_dir, sizes=(6000, 1000, 1000), seed=0, size=112, log=print)
             contact_sheet(s, os.path.join(data_dir, "contact_sheet.png"))
             log(f"  wrote {os.path.join(data_dir, 'contact_sheet.png')}")
 
-
 def contact_sheet(split, path, n=12, cols=4):
     """A PNG of the first n images (shown at 2x) with their captions beneath, for a person to look at."""
     font = ImageFont.load_default(size=12)  # a bitmap fallback when Pillow lacks FreeType
@@ -254,7 +236,6 @@ def contact_sheet(split, path, n=12, cols=4):
     with atomic_write(path) as f:
         sheet.save(f, format="PNG")
 
-
 # ----------------------------------------------------------------------------- Flickr8k: real photos
 DEFAULT_BASE_URL = "https://github.com/jbrownlee/Datasets/releases/download/Flickr8k/"
 ADVICE = "check the network, use --base-url for a mirror, or --data shapes to work offline"
@@ -262,7 +243,6 @@ SPLIT_LISTS = {"train": "Flickr_8k.trainImages.txt", "val": "Flickr_8k.devImages
                "test": "Flickr_8k.testImages.txt"}
 TOKEN_FILE = "Flickr8k.token.txt"
 IMAGE_DIRS = ("Flicker8k_Dataset", "Flickr8k_Dataset", "images128", "Images", ".")  # first with images wins
-
 
 def parse_tokens(path):
     """Flickr8k.token.txt -> ({image name: [cleaned captions]}, number of malformed lines); a space may
@@ -278,7 +258,6 @@ def parse_tokens(path):
             captions.setdefault(m[1], []).append(caption)
     return captions, malformed
 
-
 def _find_image_dir(data_dir):
     for sub in IMAGE_DIRS:
         folder = os.path.normpath(os.path.join(data_dir, sub))
@@ -286,14 +265,12 @@ def _find_image_dir(data_dir):
             return folder
     return None
 
-
 def _decode(path, size):
     """load_image in a worker process: a bad image is reported back, not raised."""
     try:
         return load_image(path, size), None
     except UserError as e:
         return None, str(e)
-
 
 def decode_images(paths, size=112, workers=None, label="images"):
     """Decodes every path once, on all cores -> (uint8 (N, S, S, 3) of the good ones, ok flags, errors)."""
@@ -314,7 +291,6 @@ def decode_images(paths, size=112, workers=None, label="images"):
         if pool:
             pool.shutdown(cancel_futures=True)  # on Ctrl-C too: drop the queued work
     return out[:n - len(errors)], ok, errors
-
 
 def prepare_flickr8k(data_dir, size=112, base_url=DEFAULT_BASE_URL, log=print, prep_dir=None):
     """Downloads (if needed), extracts, parses and decodes Flickr8k into the prepared format."""
@@ -348,7 +324,6 @@ def prepare_flickr8k(data_dir, size=112, base_url=DEFAULT_BASE_URL, log=print, p
             f"{len(listed) - uncaptioned - len(present)} missing, {len(errors)} unreadable, "
             f"{uncaptioned} without captions" + "".join(f"\n    {e}" for e in errors[:3]))
 
-
 # ----------------------------------------------------------------------------- one entry point
 def prepare(data, data_dir=None, size=112, base_url=DEFAULT_BASE_URL, log=print, prep_dir=None):
     """Makes sure the three splits of `data` are prepared in prep_dir (default: data_dir) and returns it,
@@ -379,7 +354,6 @@ def prepare(data, data_dir=None, size=112, base_url=DEFAULT_BASE_URL, log=print,
         log(f"  {split:5s}: {len(s.names):5d} images, {sum(map(len, s.captions)):6d} captions")
     return prep_dir
 
-
 def main(argv=None):
     p = argparse.ArgumentParser(description="Download/generate and prepare a dataset for SupraVL-Nano.")
     add_data_flags(p, default="shapes")
@@ -389,7 +363,6 @@ def main(argv=None):
     check_flags(args, [("--size", 8 <= args.size <= 1024, "8..1024 pixels"),
                        ("--base-url", re.match(r"https?://", args.base_url), "an http:// or https:// URL")])
     prepare(args.data, args.data_dir, args.size, args.base_url, print, args.prep_dir)
-
 
 if __name__ == "__main__":
     cli(main)

@@ -21,7 +21,6 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-
 @dataclass
 class Config:
     d_model: int = 128
@@ -46,11 +45,9 @@ class Config:
         if self.vis_ch % 4:
             raise ValueError(f"Config: vis_ch must be a multiple of 4, got {self.vis_ch}")
 
-
 # ======================================================= part 1: the model, starting with the visual encoder
 def conv_block(cin, cout):  # halves H and W; its weights are named .0 (conv) and .1 (norm)
     return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.GELU(), nn.MaxPool2d(2))
-
 
 class VisualEncoder(nn.Module):
     def __init__(self, cfg):
@@ -67,7 +64,6 @@ class VisualEncoder(nn.Module):
         x = self.conv3(self.conv2(self.conv1(x)))  # (B, 64, 14, 14)
         x = self.pool(x).flatten(2).transpose(1, 2)  # (B, 16, 64): one token per grid cell, row-major
         return self.proj(x)  # (B, 16, 128)
-
 
 # ----------------------------------------------------------------------------- the GPT part
 class CausalSelfAttention(nn.Module):
@@ -92,7 +88,6 @@ class CausalSelfAttention(nn.Module):
         weights = (q[:, :, -1:] @ k.mT / math.sqrt(q.size(-1))).softmax(-1) if need_attn else None
         return self.proj(y.transpose(1, 2).reshape(B, T, C)), weights  # heads side by side again
 
-
 class Block(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -107,7 +102,6 @@ class Block(nn.Module):
         a, weights = self.attn(self.ln1(x), cache, start, need_attn)
         x = x + self.drop(a)
         return x + self.drop(self.mlp(self.ln2(x))), weights
-
 
 class VLM(nn.Module):
     def __init__(self, config):
@@ -265,7 +259,6 @@ class VLM(nn.Module):
         seqs = [h[1] for h in best]
         return (seqs, [h[2] for h in best]) if return_attn else seqs
 
-
 # ============================================================================ part 3: the weights on disk
 # safetensors, by hand, so that a published model.safetensors needs no extra library.
 # Layout: 8-byte little-endian header length N, N bytes of JSON {name: {dtype, shape, data_offsets}} (and
@@ -275,7 +268,6 @@ DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF1
           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
           "U8": torch.uint8, "BOOL": torch.bool}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
-
 
 def safetensors_bytes(tensors, metadata=None):
     """{name: tensor} -> the bytes of a .safetensors file (common.save_pretrained writes them atomically)."""
@@ -290,7 +282,6 @@ def safetensors_bytes(tensors, metadata=None):
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)  # the tensors start 8-byte aligned
     return struct.pack("<Q", len(text)) + text + data
-
 
 def read_safetensors(path):
     """{name: tensor}; every size is checked against the bytes really in the file before anything is made.

@@ -27,7 +27,6 @@ from common import UserError, add_data_flags, atomic_write, check_flags, cli, lo
 
 CELL, LABEL, COLUMNS = 128, 18, 6  # panel size in pixels, text strip under it, panels per row
 
-
 def word_attention(tok, ids, attn):
     """[(word, (n_vis,) attention), ...] for one caption: attn (len(ids), n_layers, n_vis) averaged over the
     layers (steadier than any one of three) and over each word's BPE pieces, so the picture shows words."""
@@ -35,7 +34,6 @@ def word_attention(tok, ids, attn):
     owner = [max(len(tok.decode(ids[:k + 1]).split()) - 1, 0) for k in range(len(ids))]  # token k's word
     return [(word, maps[[k for k, o in enumerate(owner) if o == w]].mean(0) if w in owner
              else torch.zeros(maps.size(1))) for w, word in enumerate(tok.decode(ids).split())]
-
 
 def draw_attention(image_uint8, words_maps, path):
     """One PNG: the image, then per word a panel where the visual tokens it attended to glow red
@@ -60,13 +58,11 @@ def draw_attention(image_uint8, words_maps, path):
     with atomic_write(path) as f:
         canvas.save(f, format="PNG")
 
-
 def generation(args, device):
     """--strategy and its settings, as scores.caption takes them (--seed makes top-k repeatable)."""
     seeded = torch.Generator(device).manual_seed(args.seed) if args.seed is not None else None
     return dict(strategy=args.strategy, beam_width=args.beam_width, length_penalty=args.length_penalty,
                 temperature=args.temperature, top_k=args.top_k, batch_size=args.batch_size, generator=seeded)
-
 
 def caption_files(args, model, tok, device):
     """Print PATH<TAB>caption (num_samples lines) for every readable image, a batch at a time so the
@@ -96,7 +92,6 @@ def caption_files(args, model, tok, device):
                 print(f"{path}\t{texts[j]}", flush=True)
     return failed
 
-
 def run_eval(args, model, tok, device):
     """Score a whole split; the scores go to stdout (and --json), data.prepare's log to stderr."""
     size = model.config.img_size
@@ -115,7 +110,6 @@ def run_eval(args, model, tok, device):
         with atomic_write(args.json, "w") as f:
             f.write(json.dumps({k: v for k, v in r.items() if k != "samples"}, indent=1) + "\n")
     return 0
-
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="Caption images or score a split with a SupraVL-Nano model.")
@@ -146,7 +140,6 @@ def get_args(argv=None):
                     ("--batch-size", a.batch_size >= 1, "at least 1")])
     return a
 
-
 def main(argv=None):
     args = get_args(argv)
     device = pick_device(args.device)
@@ -154,7 +147,6 @@ def main(argv=None):
     if args.eval:
         return run_eval(args, model, tok, device)
     return 2 if caption_files(args, model, tok, device) else 0
-
 
 if __name__ == "__main__":
     sys.exit(cli(main))

@@ -14,7 +14,6 @@ import torch
 
 import data
 
-
 def caption(model, tok, images, strategy="beam", beam_width=3, length_penalty=0.0, temperature=0.8,
             top_k=50, generator=None, batch_size=64, return_attn=False):
     """Captions of uint8 images (N, S, S, 3), numpy or tensor, batch_size at a time. With return_attn:
@@ -34,11 +33,9 @@ def caption(model, tok, images, strategy="beam", beam_width=3, length_penalty=0.
     texts = [tok.decode(s) for s in ids]
     return (texts, ids, attns) if return_attn else texts
 
-
 def ngrams(words, n=4):
     """Counts of all 1..n-grams. ngrams("a a b".split(), 2) -> {(a,):2, (b,):1, (a,a):1, (a,b):1}"""
     return Counter(tuple(words[i:i + k]) for k in range(1, n + 1) for i in range(len(words) - k + 1))
-
 
 def bleu(references, hypotheses):
     """Corpus BLEU-1..4 as pycocoevalcap's BleuScorer with option "closest"; a list of references and one
@@ -62,7 +59,6 @@ def bleu(references, hypotheses):
     brevity = math.exp(1 - 1 / ratio) if ratio < 1 else 1.0
     precisions = [(c + tiny) / (g + small) for c, g in zip(correct, guess)]  # n = 1..4
     return [math.prod(precisions[:k + 1]) ** (1 / (k + 1)) * brevity for k in range(4)]  # geometric means
-
 
 def cider(references, hypotheses, n=4, sigma=6.0):
     """CIDEr-D exactly as pycocoevalcap's CiderScorer: the mean over images of 10 * mean over n=1..4 of mean
@@ -96,11 +92,9 @@ def cider(references, hypotheses, n=4, sigma=6.0):
         scores.append(10.0 * total / n / len(counts))
     return sum(scores) / len(scores)
 
-
 def exact_match(hypothesis, references):
     """True when the generated caption equals one of the references after cleaning."""
     return data.clean_caption(hypothesis) in {data.clean_caption(r) for r in references}
-
 
 def score_split(model, tok, split, data_name, split_name="val", **generate):
     """Caption every image of a data.Split and score it: BLEU-1..4, CIDEr-D and, for shapes, exact

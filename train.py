@@ -48,9 +48,7 @@ SHARED = dict(weight_decay=0.01, grad_clip=1.0, seed=1337, vocab_size=2048, n_vi
 SETTINGS = ("data", "data_dir", "prep_dir", *RECIPES["shapes"], *SHARED)  # what a checkpoint remembers
 FIXED = ("data", "batch_size", "seed", "vocab_size", "n_vis", "dropout")  # on --resume: another run if changed
 
-
 # ----------------------------------------------------------------------------- data: pairs as rows
-
 def encode_pairs(split, tok, max_seq):
     """Rows [BOS, caption..., EOS, PAD...] of length max_seq+1, the image of each row, its input length.
 
@@ -64,12 +62,10 @@ def encode_pairs(split, tok, max_seq):
         tokens[r, :len(ids)] = torch.tensor(ids)
     return tokens, torch.tensor(image_of), torch.tensor([len(ids) - 1 for ids in rows])
 
-
 def on_device(split, tok, max_seq, device):
     """encode_pairs' rows and image index, and the uint8 images, on the device; the lengths stay on the CPU."""
     tokens, image_of, lengths = encode_pairs(split, tok, max_seq)
     return tokens.to(device), image_of.to(device), lengths, torch.from_numpy(split.images).to(device)
-
 
 def epoch_order(lengths, epoch, args, rank, world):
     """This rank's batches of row indices for one epoch, (steps, batch), and each batch's longest input.
@@ -79,13 +75,11 @@ def epoch_order(lengths, epoch, args, rank, world):
     mine = perm[rank * steps * B:(rank + 1) * steps * B].view(steps, B)  # every rank takes equal steps
     return mine, lengths[mine].amax(1).tolist()
 
-
 def get_batch(rows, T, tokens, image_of, images):
     """Images and teacher-forcing ids of rows (B,), every tensor on one device; cut to T, the batch's
     longest input, which is known on the CPU (no sync)."""
     ids, targets = tokens[rows, :T], tokens[rows, 1:T + 1]  # (B, T) each
     return data.normalize(images[image_of[rows]]), ids, targets  # (B, 3, 112, 112), ids, targets
-
 
 def lr_at(step, total, args):
     """Linear warmup to args.lr, then cosine down to args.min_lr at the last step."""
@@ -94,7 +88,6 @@ def lr_at(step, total, args):
     t = min(1.0, (step - args.warmup_steps) / max(1, total - args.warmup_steps))
     return args.min_lr + 0.5 * (args.lr - args.min_lr) * (1 + math.cos(math.pi * t))
 
-
 def make_optimizer(model, args):
     # Decay matrices (linear, conv, embedding); never biases or norm weights.
     groups = [{"params": [p for p in model.parameters() if p.dim() >= 2], "weight_decay": args.weight_decay},
@@ -102,9 +95,7 @@ def make_optimizer(model, args):
     fused = model.tok_emb.weight.device.type in ("cpu", "cuda")  # one kernel, not a loop over tensors (not MPS)
     return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), fused=fused)
 
-
 # ----------------------------------------------------------------------------- the run
-
 @dataclass
 class Run:
     """What a checkpoint holds: the settings, and the state between two steps."""
@@ -116,7 +107,6 @@ class Run:
     step: int = 0
     best: float = math.inf
     history: dict = field(default_factory=lambda: {"train": [], "val": [], "lr": []})
-
 
 def train(args):
     device, dtype, rank, world, log = setup(args)
@@ -193,7 +183,6 @@ def train(args):
                 dist.barrier()  # the others wait while rank 0 evaluates and writes
     return finish(run, val_split, rank, log)
 
-
 def finish(run, val_split, rank, log):
     """The end (also after --max-steps): the published layout, then scores on the validation split."""
     out = run.args.out_dir
@@ -206,9 +195,7 @@ def finish(run, val_split, rank, log):
         log(f"wrote {out}/: {' '.join(RUN_FILES)}")
         return result
 
-
 # ----------------------------------------------------------------------------- evaluation, loss plot
-
 @torch.no_grad()
 def val_loss(model, val, autocast, batches=20, batch_size=64):
     """Mean loss over a fixed slice of the validation pairs."""
@@ -222,7 +209,6 @@ def val_loss(model, val, autocast, batches=20, batch_size=64):
             losses.append(model(*batch)[1].float())
     model.train()
     return torch.stack(losses).mean().item()
-
 
 def validate(run, val, names, autocast, log):
     """At each evaluation: validation loss, three greedy captions to read, best.pt, ckpt.pt, loss.png."""
@@ -242,14 +228,12 @@ def validate(run, val, names, autocast, log):
     save_state(run, f"{run.args.out_dir}/ckpt.pt")
     plot_losses(f"{run.args.out_dir}/loss.png", run.history)
 
-
 def check_finite(loss, run):
     """A diverged run stops before it can overwrite the last good checkpoint."""
     if not math.isfinite(loss):
         raise UserError(f"{run.args.out_dir}/ckpt.pt: loss became {loss} at step {run.step}; the last good "
                         "checkpoint is kept (try a lower --lr or --dtype float32)")
     return loss
-
 
 def save_state(run, path, full=True):
     """Only tensors, numbers and strings, so that it loads with weights_only=True."""
@@ -261,13 +245,11 @@ def save_state(run, path, full=True):
     with atomic_write(path) as f:
         torch.save(obj, f)
 
-
 def load_state(run, state):
     run.model.load_state_dict(state["model"])
     run.opt.load_state_dict(state["optimizer"])
     run.scaler.load_state_dict(state["scaler"])
     run.step, run.best, run.history = state["step"], state["best_val"], state["history"]
-
 
 def plot_losses(path, history, size=(720, 420), box=(64, 40, 656, 376)):
     """Train loss (blue, every log interval) and validation loss (red dots) on a log scale, and the
@@ -300,9 +282,7 @@ def plot_losses(path, history, size=(720, 420), box=(64, 40, 656, 376)):
     with atomic_write(path) as f:
         img.save(f, format="PNG")
 
-
 # ----------------------------------------------------------------------------- the command line
-
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="Train SupraVL-Nano.", epilog=__doc__.split("Run:")[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -328,7 +308,6 @@ def get_args(argv=None):
     check_args(args)
     return args
 
-
 def check_args(a):
     """Every flag, before any work or write: one line naming the flag, its value and what is allowed."""
     grid = math.isqrt(max(a.n_vis, 0))
@@ -347,7 +326,6 @@ def check_args(a):
         ("--resume", not (a.resume and a.overwrite), "given without --overwrite (continue, or replace)"),
         ("--out-dir", not os.path.isfile(a.out_dir), "a folder, not a file")])
 
-
 def main(argv=None):
     args = get_args(argv)
     # Ctrl-C asks the loop to stop at the next step boundary, where the state is consistent.
@@ -358,11 +336,8 @@ def main(argv=None):
         if dist.is_initialized():
             dist.destroy_process_group()
 
-
 # ----------------------------------------------------------------------------- Ctrl-C, every rank
-
 STOP = []  # the Ctrl-C handler (main) appends True: stop at the next step boundary
-
 
 def stop_requested(step, every, world, device):
     """Ranks agree on STOP every `every` steps: all stop at one step, none left waiting in the all-reduce."""
@@ -374,7 +349,6 @@ def stop_requested(step, every, world, device):
     dist.all_reduce(flag)
     return flag.item() > 0
 
-
 def prepare_data(args, rank, world, log):
     """Rank 0 prepares (it may download ~1 GB first) while the others wait; then all read the arrays."""
     if rank == 0:
@@ -385,7 +359,6 @@ def prepare_data(args, rank, world, log):
     prep_dir = args.prep_dir or args.data_dir or os.path.join("data", args.data)
     return data.load_split(prep_dir, "train"), data.load_split(prep_dir, "val")
 
-
 def interrupted(run, rank, world, log):
     if rank == 0:
         save_state(run, f"{run.args.out_dir}/ckpt.pt")
@@ -394,7 +367,6 @@ def interrupted(run, rank, world, log):
     log(f"\ninterrupted at step {run.step}, saved {run.args.out_dir}/ckpt.pt; continue with:\n"
         f"  python train.py --resume --out-dir {run.args.out_dir}")
     return "interrupted"
-
 
 if __name__ == "__main__":
     sys.exit(cli(main))
