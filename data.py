@@ -27,61 +27,12 @@ from common import UserError, add_data_flags, atomic_write, check_flags, cli, do
 
 SPLITS = ("train", "val", "test")
 
-# ----------------------------------------------------------------------------- captions and images
+# ----------------------------------------------------------------------------- the prepared format
 def clean_caption(text):
     """The one normaliser of every caption: '  A dog  runs in the park . ' -> 'a dog runs in the park'."""
     text = " ".join(text.lower().split())
     return text[:-1].rstrip() if text.endswith(".") else text
 
-def load_image(path, size=112):
-    """Any image Pillow reads -> uint8 (size, size, 3), squash-resized (no crop), BICUBIC."""
-    if not os.path.exists(path) or os.path.isdir(path):
-        raise UserError(f"{path}: {'is a folder, not an image' if os.path.isdir(path) else 'no such file'}")
-    if os.path.getsize(path) == 0:
-        raise UserError(f"{path}: empty file, not an image")
-    try:
-        with Image.open(path) as im:  # an animation: its first frame
-            im.draft("RGB", (size, size))  # JPEG: decode at 1/2, 1/4 or 1/8 scale, several times faster
-            im = _to_rgb(ImageOps.exif_transpose(im)).resize((size, size), Image.BICUBIC)  # camera's rotation
-    except Image.DecompressionBombError as e:
-        raise UserError(f"{path}: refused as a decompression bomb ({e})") from None
-    except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError... for bad files
-        raise UserError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
-    return np.asarray(im, dtype=np.uint8)  # (size, size, 3)
-
-def _to_rgb(im):
-    """Any mode -> RGB: transparency composited on white, 16/32-bit grey scaled (convert() would clip it)."""
-    if im.mode in ("I", "F") or im.mode.startswith("I;16"):
-        a = np.asarray(im, dtype=np.float64)  # (H, W)
-        if im.mode.startswith("I;16") or a.max() > 255:
-            a = a / 257.0  # 0..65535 -> 0..255
-        im = Image.fromarray(np.clip(a, 0, 255).astype(np.uint8), "L")
-    if im.mode in ("P", "PA", "LA", "La", "RGBA", "RGBa") or "transparency" in im.info:
-        im = Image.alpha_composite(Image.new("RGBA", im.size, "white"), im.convert("RGBA"))
-    return im.convert("RGB")
-
-def normalize(images):
-    """uint8 (B, H, W, 3), array or tensor on any device -> float32 (B, 3, H, W) with ImageNet mean/std."""
-    images = torch.as_tensor(images)
-    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-        raise ValueError(f"normalize: expected uint8 (B, H, W, 3), got {images.dtype} {tuple(images.shape)}")
-    shift, scale = _shift_scale(images.device)
-    x = images.permute(0, 3, 1, 2)  # (B, 3, H, W), a view: HWC bytes are the channels_last layout convs want
-    return torch.addcmul(shift, x.float(), scale)  # (x/255 - mean)/std in one pass
-
-@functools.cache  # once per device: a tensor made from a Python list is a host-to-device copy, a GPU sync
-def _shift_scale(device):
-    mean = torch.tensor((0.485, 0.456, 0.406)).view(1, 3, 1, 1)  # ImageNet statistics
-    std = torch.tensor((0.229, 0.224, 0.225)).view(1, 3, 1, 1)
-    return (-mean / std).to(device), (1.0 / (255.0 * std)).to(device)
-
-def half_size(images, chunk=512):
-    """uint8 (N, S, S, 3) tensor -> uint8 (N, S/2, S/2, 3), each 2x2 block of pixels averaged and rounded."""
-    S = images.shape[1] // 2
-    sums = [c.view(-1, S, 2, S, 2, 3).sum((2, 4), dtype=torch.int16) for c in images.split(chunk)]  # bounded
-    return ((torch.cat(sums) + 2) // 4).to(torch.uint8)
-
-# ----------------------------------------------------------------------------- the prepared format
 @dataclass
 class Split:
     names: list
@@ -244,6 +195,33 @@ SPLIT_LISTS = {"train": "Flickr_8k.trainImages.txt", "val": "Flickr_8k.devImages
 TOKEN_FILE = "Flickr8k.token.txt"
 IMAGE_DIRS = ("Flicker8k_Dataset", "Flickr8k_Dataset", "images128", "Images", ".")  # first with images wins
 
+def load_image(path, size=112):
+    """Any image Pillow reads (a Flickr8k photo, sample.py's --img) -> uint8 (size, size, 3), squash-resized."""
+    if not os.path.exists(path) or os.path.isdir(path):
+        raise UserError(f"{path}: {'is a folder, not an image' if os.path.isdir(path) else 'no such file'}")
+    if os.path.getsize(path) == 0:
+        raise UserError(f"{path}: empty file, not an image")
+    try:
+        with Image.open(path) as im:  # an animation: its first frame
+            im.draft("RGB", (size, size))  # JPEG: decode at 1/2, 1/4 or 1/8 scale, several times faster
+            im = _to_rgb(ImageOps.exif_transpose(im)).resize((size, size), Image.BICUBIC)  # camera's rotation
+    except Image.DecompressionBombError as e:
+        raise UserError(f"{path}: refused as a decompression bomb ({e})") from None
+    except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError... for bad files
+        raise UserError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
+    return np.asarray(im, dtype=np.uint8)  # (size, size, 3)
+
+def _to_rgb(im):
+    """Any mode -> RGB: transparency composited on white, 16/32-bit grey scaled (convert() would clip it)."""
+    if im.mode in ("I", "F") or im.mode.startswith("I;16"):
+        a = np.asarray(im, dtype=np.float64)  # (H, W)
+        if im.mode.startswith("I;16") or a.max() > 255:
+            a = a / 257.0  # 0..65535 -> 0..255
+        im = Image.fromarray(np.clip(a, 0, 255).astype(np.uint8), "L")
+    if im.mode in ("P", "PA", "LA", "La", "RGBA", "RGBa") or "transparency" in im.info:
+        im = Image.alpha_composite(Image.new("RGBA", im.size, "white"), im.convert("RGBA"))
+    return im.convert("RGB")
+
 def parse_tokens(path):
     """Flickr8k.token.txt -> ({image name: [cleaned captions]}, number of malformed lines); a space may
     stand for the TAB. 'x.jpg#0<TAB>A child in a pink dress .' -> {'x.jpg': ['a child in a pink dress']}"""
@@ -353,6 +331,28 @@ def prepare(data, data_dir=None, size=112, base_url=DEFAULT_BASE_URL, log=print,
         s = load_split(prep_dir, split, size, mmap_mode="r")
         log(f"  {split:5s}: {len(s.names):5d} images, {sum(map(len, s.captions)):6d} captions")
     return prep_dir
+
+# ----------------------------------------------------------------------------- images as the model sees them
+def normalize(images):
+    """uint8 (B, H, W, 3), array or tensor on any device -> float32 (B, 3, H, W) with ImageNet mean/std."""
+    images = torch.as_tensor(images)
+    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"normalize: expected uint8 (B, H, W, 3), got {images.dtype} {tuple(images.shape)}")
+    shift, scale = _shift_scale(images.device)
+    x = images.permute(0, 3, 1, 2)  # (B, 3, H, W), a view: HWC bytes are the channels_last layout convs want
+    return torch.addcmul(shift, x.float(), scale)  # (x/255 - mean)/std in one pass
+
+@functools.cache  # once per device: a tensor made from a Python list is a host-to-device copy, a GPU sync
+def _shift_scale(device):
+    mean = torch.tensor((0.485, 0.456, 0.406)).view(1, 3, 1, 1)  # ImageNet statistics
+    std = torch.tensor((0.229, 0.224, 0.225)).view(1, 3, 1, 1)
+    return (-mean / std).to(device), (1.0 / (255.0 * std)).to(device)
+
+def half_size(images, chunk=512):
+    """uint8 (N, S, S, 3) tensor -> uint8 (N, S/2, S/2, 3), each 2x2 block of pixels averaged and rounded."""
+    S = images.shape[1] // 2
+    sums = [c.view(-1, S, 2, S, 2, 3).sum((2, 4), dtype=torch.int16) for c in images.split(chunk)]  # bounded
+    return ((torch.cat(sums) + 2) // 4).to(torch.uint8)
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Download/generate and prepare a dataset for SupraVL-Nano.")
