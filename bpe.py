@@ -23,12 +23,12 @@ import time
 from collections import Counter, defaultdict
 
 # -----------------------------------------------------------------------------
-# Splitting text into words. GPT-2's pattern (the one `tokenizers` ByteLevel uses) is
+# Splitting text into words, first: a merge never crosses a word boundary, so " dog" can become one token
+# but "dog." cannot. GPT-2's pattern (the one `tokenizers` ByteLevel uses) is
 #   's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+
 # `re` has no \p{..}: a letter is [^\W\d_] (a word character, not a digit or "_"), a number \d, "other"
 # [^\s\w] or "_". Rust's classes split rare text otherwise (never Flickr8k's): Python's \w takes ², ½, Ⅻ
 # (numbers in GPT-2) but not combining marks or U+200D, and its \s takes the separators \x1c-\x1f.
-# A merge never crosses a word boundary, so " dog" can become one token but "dog." cannot.
 SPLIT = re.compile(r"""'s|'t|'re|'ve|'m|'ll|'d| ?[^\W\d_]+| ?\d+| ?(?:[^\s\w]|_)+|\s+(?!\S)|\s+""")
 
 SPECIALS = ("<pad>", "<bos>", "<eos>")  # ids 0, 1, 2; then the 256 bytes (3..258); then merges
@@ -39,16 +39,6 @@ PRINTABLE = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *
 UNPRINTABLE = [b for b in range(256) if b not in PRINTABLE]
 BYTE_TO_CHAR = {b: chr(b) for b in PRINTABLE} | {b: chr(256 + n) for n, b in enumerate(UNPRINTABLE)}
 CHAR_TO_BYTE = {c: b for b, c in BYTE_TO_CHAR.items()}
-
-def read_text(path):
-    """The UTF-8 text of a file, or a ValueError naming the file."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            return f.read()
-    except OSError as e:
-        raise ValueError(f"{path}: cannot read ({e.strerror})") from None
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text ({e})") from None
 
 def merge(ids, pair, new_id):
     """Replace each occurrence of pair, left to right: merge([5, 6, 5, 6, 6], (5, 6), 9) -> [9, 9, 6]."""
@@ -298,6 +288,16 @@ def form_of(d, check):
             "decoder_suffix": d["decoder"].get("suffix", "</w>") if dec == "BPEDecoder" else None}
 
 # -----------------------------------------------------------------------------
+def read_text(path):
+    """The UTF-8 text of a file, or a ValueError naming the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e})") from None
+
 def main():
     parser = argparse.ArgumentParser(description="Train or try a byte-level BPE tokenizer.")
     parser.add_argument("--train", metavar="FILE", help="text file, one text per line")
