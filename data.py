@@ -39,6 +39,11 @@ class Split:
     images: np.ndarray  # uint8 (N, S, S, 3)
     captions: list  # N lists of cleaned captions
 
+def folders(data, data_dir=None, prep_dir=None):
+    """(data_dir, prep_dir): the originals (default data/<data>), the prepared arrays (default data_dir)."""
+    data_dir = data_dir or os.path.join("data", data)
+    return data_dir, prep_dir or data_dir
+
 def _split_paths(prep_dir, split, size):
     return (os.path.join(prep_dir, f"{split}_images_{size}.npy"),
             os.path.join(prep_dir, f"{split}_captions.json"))
@@ -270,7 +275,7 @@ def decode_images(paths, size=112, workers=None, label="images"):
             pool.shutdown(cancel_futures=True)  # on Ctrl-C too: drop the queued work
     return out[:n - len(errors)], ok, errors
 
-def prepare_flickr8k(data_dir, size=112, base_url=DEFAULT_BASE_URL, log=print, prep_dir=None):
+def prepare_flickr8k(data_dir, prep_dir, size=112, base_url=DEFAULT_BASE_URL, log=print):
     """Downloads (if needed), extracts, parses and decodes Flickr8k into the prepared format."""
     os.makedirs(data_dir, exist_ok=True)
     token_path = os.path.join(data_dir, TOKEN_FILE)
@@ -296,7 +301,7 @@ def prepare_flickr8k(data_dir, size=112, base_url=DEFAULT_BASE_URL, log=print, p
         present = [n for n in listed if n in captions and os.path.isfile(os.path.join(image_dir, n))]
         images, ok, errors = decode_images([os.path.join(image_dir, n) for n in present], size, label=split)
         names = [n for n, good in zip(present, ok) if good]
-        save_split(prep_dir or data_dir, split, names, images, [captions[n] for n in names], size)
+        save_split(prep_dir, split, names, images, [captions[n] for n in names], size)
         uncaptioned = sum(n not in captions for n in listed)
         log(f"  {split:5s}: {len(names)} of {len(listed)} listed images prepared; skipped "
             f"{len(listed) - uncaptioned - len(present)} missing, {len(errors)} unreadable, "
@@ -308,8 +313,7 @@ def prepare(data, data_dir=None, size=112, base_url=DEFAULT_BASE_URL, log=print,
     for load_split. A second call only checks them; if any fails to load, all three are made again."""
     if data not in ("flickr8k", "shapes"):
         raise UserError(f"unknown dataset {data!r} (use flickr8k or shapes)")
-    data_dir = data_dir or os.path.join("data", data)
-    prep_dir = prep_dir or data_dir
+    data_dir, prep_dir = folders(data, data_dir, prep_dir)
     try:
         [load_split(prep_dir, s, size, mmap_mode="r") for s in SPLITS]  # headers only: a quick check
         log(f"{data}: already prepared in {prep_dir} at {size}x{size}")
@@ -325,7 +329,7 @@ def prepare(data, data_dir=None, size=112, base_url=DEFAULT_BASE_URL, log=print,
         if data == "shapes":
             make_shapes(prep_dir, size=size, log=log)
         else:
-            prepare_flickr8k(data_dir, size, base_url, log, prep_dir)
+            prepare_flickr8k(data_dir, prep_dir, size, base_url, log)
         log(f"{data}: prepared in {time.time() - t0:.1f}s")
     for split in SPLITS:
         s = load_split(prep_dir, split, size, mmap_mode="r")

@@ -356,7 +356,7 @@ def prepare_data(args, rank, world, log):
     if world > 1:  # a gloo group with a long timeout: the default 10 minutes is shorter than a slow download
         log("the other processes wait (up to 2 hours) until the data is prepared")
         dist.barrier(group=dist.new_group(backend="gloo", timeout=timedelta(hours=2)))
-    prep_dir = args.prep_dir or args.data_dir or os.path.join("data", args.data)
+    prep_dir = data.folders(args.data, args.data_dir, args.prep_dir)[1]
     return data.load_split(prep_dir, "train"), data.load_split(prep_dir, "val")
 
 def interrupted(run, rank, world, log):
