@@ -67,11 +67,11 @@ def load_split(prep_dir, split, size=112, mmap_mode=None):
     except (OSError, ValueError) as e:
         raise UserError(f"{img_path}: not a readable .npy array ({e})") from None
     if images.dtype != np.uint8 or images.shape[1:] != (size, size, 3):
-        raise UserError(f"{img_path}: expected uint8 (N, {size}, {size}, 3), got {images.dtype} {images.shape}")
+        raise UserError(f"{img_path}: {images.dtype} {images.shape}, not uint8 (N, {size}, {size}, 3)")
     try:
         with open(cap_path, encoding="utf-8") as f:
             meta = json.load(f)
-        names, captions = meta["names"], meta["captions"]
+        names, captions = list(meta["names"]), list(meta["captions"])  # list(): a number is refused here
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UserError(f"{cap_path}: not a captions file ({type(e).__name__}: {e})") from None
     if len(names) != len(images) or len(captions) != len(images):
@@ -167,15 +167,13 @@ def make_shapes(data_dir, sizes=(6000, 1000, 1000), seed=0, size=112, log=print)
         images = np.zeros((n, size, size, 3), np.uint8)  # (N, S, S, 3)
         for j, objs in enumerate(scenes):
             images[j] = draw_scene(objs, pixel_rng, size)
-        for j in range(0, n, 512):  # pixel noise, vectorised in chunks to bound memory
-            chunk = images[j:j + 512]  # (<=512, S, S, 3), a view
+        for chunk in np.split(images, range(512, n, 512)):  # pixel noise; views of <= 512 images bound memory
             chunk[:] = np.clip(chunk + pixel_rng.integers(-12, 13, chunk.shape, dtype=np.int16), 0, 255)
         s = Split([f"shapes_{split}_{j:05d}" for j in range(n)], images, [scene_captions(o) for o in scenes])
         save_split(data_dir, split, s.names, s.images, s.captions, size)
-        log(f"  {split:5s}: {n} images generated")
         if split == "val":  # a first look for a person: 12 images and their captions
             contact_sheet(s, os.path.join(data_dir, "contact_sheet.png"))
-            log(f"  wrote {os.path.join(data_dir, 'contact_sheet.png')}")
+        log(f"  {split:5s}: {n} images generated" + (" + contact_sheet.png" if split == "val" else ""))
 
 def contact_sheet(split, path, n=12, cols=4):
     """A PNG of the first n images (shown at 2x) with their captions beneath, for a person to look at."""
@@ -201,7 +199,7 @@ TOKEN_FILE = "Flickr8k.token.txt"
 IMAGE_DIRS = ("Flicker8k_Dataset", "Flickr8k_Dataset", "images128", "Images", ".")  # first with images wins
 
 def load_image(path, size=112):
-    """Any image Pillow reads (a Flickr8k photo, sample.py's --img) -> uint8 (size, size, 3), squash-resized."""
+    """Any image Pillow reads (a Flickr8k photo, sample.py's --img) -> uint8 (size, size, 3), squashed."""
     if not os.path.exists(path) or os.path.isdir(path):
         raise UserError(f"{path}: {'is a folder, not an image' if os.path.isdir(path) else 'no such file'}")
     if os.path.getsize(path) == 0:
@@ -293,8 +291,7 @@ def prepare_flickr8k(data_dir, prep_dir, size=112, base_url=DEFAULT_BASE_URL, lo
             raise UserError(f"{zip_path}: does not hold the expected Flickr8k files")
     captions, malformed = parse_tokens(token_path)
     image_dir = _find_image_dir(data_dir)
-    log(f"{len(captions)} images with captions in {TOKEN_FILE} ({malformed} malformed lines skipped); "
-        f"images from {image_dir}")
+    log(f"{TOKEN_FILE}: {len(captions)} images, {malformed} malformed lines skipped; images from {image_dir}")
     for split in SPLITS:
         with open(os.path.join(data_dir, SPLIT_LISTS[split]), encoding="utf-8", errors="replace") as f:
             listed = list(dict.fromkeys(f.read().split()))  # unique names, in order
@@ -309,8 +306,7 @@ def prepare_flickr8k(data_dir, prep_dir, size=112, base_url=DEFAULT_BASE_URL, lo
 
 # ----------------------------------------------------------------------------- one entry point
 def prepare(data, data_dir=None, size=112, base_url=DEFAULT_BASE_URL, log=print, prep_dir=None):
-    """Makes sure the three splits of `data` are prepared in prep_dir (default: data_dir) and returns it,
-    for load_split. A second call only checks them; if any fails to load, all three are made again."""
+    """Prepares the three splits of `data` in prep_dir, unless all three load already; returns prep_dir."""
     if data not in ("flickr8k", "shapes"):
         raise UserError(f"unknown dataset {data!r} (use flickr8k or shapes)")
     data_dir, prep_dir = folders(data, data_dir, prep_dir)
@@ -320,10 +316,10 @@ def prepare(data, data_dir=None, size=112, base_url=DEFAULT_BASE_URL, log=print,
     except UserError:  # absent, or half written by a run that was killed
         try:
             os.makedirs(prep_dir, exist_ok=True)
+            if not (os.access(prep_dir, os.W_OK) and os.stat(prep_dir).st_mode & 0o200):  # root ignores modes
+                raise PermissionError("read-only")
         except OSError as e:
-            raise UserError(f"{prep_dir}: cannot create it ({e.strerror}); pass --prep-dir DIR") from None
-        if not os.access(prep_dir, os.W_OK) or not os.stat(prep_dir).st_mode & 0o200:  # root ignores modes
-            raise UserError(f"{prep_dir}: not writable; pass --prep-dir DIR for the prepared arrays")
+            raise UserError(f"{prep_dir}: not writable ({e.strerror or e}); pass --prep-dir DIR") from None
         t0 = time.time()
         log(f"{data}: preparing into {prep_dir}")
         if data == "shapes":
