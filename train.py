@@ -46,16 +46,14 @@ RECIPES = {
 SHARED = dict(weight_decay=0.01, grad_clip=1.0, seed=1337, vocab_size=2048, n_vis=16, dropout=0.0,
               log_interval=20, eval_interval=None, dtype="auto")  # None: a tenth of the run, rounded up
 SETTINGS = ("data", "data_dir", "prep_dir", *RECIPES["shapes"], *SHARED)  # what a checkpoint remembers
-FIXED = ("data", "batch_size", "seed", "vocab_size", "n_vis", "dropout")  # on --resume: another run if changed
+FIXED = ("data", "batch_size", "seed", "vocab_size", "n_vis", "dropout")  # --resume: another run if changed
 
 # ----------------------------------------------------------------------------- data: pairs as rows
 def encode_pairs(split, tok, max_seq):
     """Rows [BOS, caption..., EOS, PAD...] of length max_seq+1, the image of each row, its input length.
-
-    A row's first max_seq tokens are the model's input and its last max_seq the targets, so
-    "a dog" -> ids [BOS a dog EOS PAD], targets [a dog EOS PAD PAD]: teacher forcing.
-    """
-    rows = [[tok.bos_id] + tok.encode(c)[:max_seq - 1] + [tok.eos_id] for caps in split.captions for c in caps]
+    A row's first max_seq tokens are the input and its last max_seq the targets (teacher forcing), so
+    "a dog" -> ids [BOS a dog EOS PAD], targets [a dog EOS PAD PAD]."""
+    rows = [[tok.bos_id] + tok.encode(c)[:max_seq - 1] + [tok.eos_id] for cs in split.captions for c in cs]
     image_of = [i for i, caps in enumerate(split.captions) for _ in caps]
     tokens = torch.full((len(rows), max_seq + 1), tok.pad_id, dtype=torch.long)  # (N, 49)
     for r, ids in enumerate(rows):
@@ -63,7 +61,7 @@ def encode_pairs(split, tok, max_seq):
     return tokens, torch.tensor(image_of), torch.tensor([len(ids) - 1 for ids in rows])
 
 def on_device(split, tok, max_seq, device):
-    """encode_pairs' rows and image index, and the uint8 images, on the device; the lengths stay on the CPU."""
+    """encode_pairs' rows and image index, and the uint8 images, on the device; lengths stay on the CPU."""
     tokens, image_of, lengths = encode_pairs(split, tok, max_seq)
     return tokens.to(device), image_of.to(device), lengths, torch.from_numpy(split.images).to(device)
 
@@ -76,8 +74,7 @@ def epoch_order(lengths, epoch, args, rank, world):
     return mine, lengths[mine].amax(1).tolist()
 
 def get_batch(rows, T, tokens, image_of, images):
-    """Images and teacher-forcing ids of rows (B,), every tensor on one device; cut to T, the batch's
-    longest input, which is known on the CPU (no sync)."""
+    """Images, ids, targets of rows (B,), all on one device; cut to T, the longest input (known: no sync)."""
     ids, targets = tokens[rows, :T], tokens[rows, 1:T + 1]  # (B, T) each
     return data.normalize(images[image_of[rows]]), ids, targets  # (B, 3, 112, 112), ids, targets
 
@@ -92,7 +89,7 @@ def make_optimizer(model, args):
     # Decay matrices (linear, conv, embedding); never biases or norm weights.
     groups = [{"params": [p for p in model.parameters() if p.dim() >= 2], "weight_decay": args.weight_decay},
               {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0}]
-    fused = model.tok_emb.weight.device.type in ("cpu", "cuda")  # one kernel, not a loop over tensors (not MPS)
+    fused = model.tok_emb.weight.device.type in ("cpu", "cuda")  # one kernel, not one per tensor (not on MPS)
     return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), fused=fused)
 
 # ----------------------------------------------------------------------------- the run
@@ -105,7 +102,6 @@ class Run:
     opt: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     step: int = 0
-    best: float = math.inf
     history: dict = field(default_factory=lambda: {"train": [], "val": [], "lr": []})
 
 def train(args):
@@ -116,15 +112,17 @@ def train(args):
         adopt_settings(args, state, FIXED, log)
     torch.manual_seed(args.seed)
     train_split, val_split = prepare_data(args, rank, world, log)
-    captions = [c for caps in train_split.captions for c in caps]  # the tokenizer learns from these alone
-    tok = Tokenizer.from_json(state["tokenizer"], ckpt) if state else Tokenizer.train(captions, args.vocab_size)
+    texts = [c for caps in train_split.captions for c in caps]  # the tokenizer learns from these alone
+    tok = Tokenizer.from_json(state["tokenizer"], ckpt) if state else Tokenizer.train(texts, args.vocab_size)
     model = VLM(Config(vocab_size=tok.vocab_size, n_vis=args.n_vis, dropout=args.dropout, pad_id=tok.pad_id,
                        bos_id=tok.bos_id, eos_id=tok.eos_id)).to(device)
     log(f"tokenizer {tok.vocab_size} ids, model {model.num_params():,} parameters, {args.n_vis} visual tokens")
     run = Run(args, model, tok, make_optimizer(model, args),
               torch.amp.GradScaler(device.split(":")[0], enabled=dtype == torch.float16))
-    if state:
-        load_state(run, state)
+    if state:  # --resume: the run as save_state left it
+        for part, key in ((model, "model"), (run.opt, "optimizer"), (run.scaler, "scaler")):
+            part.load_state_dict(state[key])
+        run.step, run.history = state["step"], state["history"]
     fast = torch.compile(model) if args.compile else model
     if world > 1:
         fast = DDP(fast, device_ids=[int(device.split(":")[1])] if device.startswith("cuda") else None)
@@ -141,7 +139,7 @@ def train(args):
     stop_at, every = min(total, args.max_steps or total), args.eval_interval or -(-total // 10)
     log(f"{len(lengths):,} training pairs, {args.epochs} epochs of {steps_per_epoch} steps: {total} steps")
 
-    t0, seen, order = time.time(), 0, None
+    t0, logged, order = time.time(), run.step, None
     while run.step < stop_at:
         epoch, i = divmod(run.step, steps_per_epoch)
         if order is None or i == 0:  # once an epoch, the order goes to the device whole
@@ -163,17 +161,16 @@ def train(args):
         run.scaler.step(run.opt)
         run.scaler.update()
         run.opt.zero_grad(set_to_none=True)
-        run.step, seen = run.step + 1, seen + len(ids) * world
+        run.step += 1
 
         if run.step % args.log_interval == 0 or run.step == stop_at:
             loss_val = check_finite(loss.item(), run)  # the one sync with the device, every log interval
             run.history["train"].append((run.step, loss_val))
             run.history["lr"].append((run.step, lr))
-            dt, t0 = time.time() - t0, time.time()
-            eta = (stop_at - run.step) * dt * args.batch_size * world / seen
+            dt = (time.time() - t0) / (run.step - logged)  # seconds a step since the last log
+            t0, logged = time.time(), run.step
             log(f"epoch {epoch + 1}/{args.epochs} step {run.step}/{total} loss {loss_val:.4f} lr {lr:.2e} "
-                f"{seen / dt:.0f} img/s eta {eta / 60:.1f} min")
-            seen = 0
+                f"{args.batch_size * world / dt:.0f} img/s eta {(stop_at - run.step) * dt / 60:.1f} min")
         if stop_requested(run.step, args.log_interval, world, device):
             return interrupted(run, rank, world, log)
         if run.step % every == 0 or run.step == stop_at:
@@ -181,55 +178,44 @@ def train(args):
                 validate(run, val, val_split.names, autocast, log)
             if world > 1:
                 dist.barrier()  # the others wait while rank 0 evaluates and writes
-    return finish(run, val_split, rank, log)
+    return finish(run, val_split, log) if rank == 0 else None
 
-def finish(run, val_split, rank, log):
-    """The end (also after --max-steps): the published layout, then scores on the validation split."""
+def finish(run, val_split, log):
+    """Rank 0, at the end (also after --max-steps): the published layout, then scores on the val split."""
     out = run.args.out_dir
-    if rank == 0:
-        save_pretrained(out, run.model, run.tok)
-        result = scores.score_split(run.model, run.tok, val_split, run.args.data)
-        log("val: " + "  ".join(f"{k} {v:.4f}" for k, v in result.items() if isinstance(v, float)))
-        with atomic_write(f"{out}/eval.json", "w") as f:
-            f.write(json.dumps(result, indent=1))
-        log(f"wrote {out}/: {' '.join(RUN_FILES)}")
-        return result
+    save_pretrained(out, run.model, run.tok)
+    result = scores.score_split(run.model, run.tok, val_split, run.args.data)
+    log("val: " + "  ".join(f"{k} {v:.4f}" for k, v in result.items() if isinstance(v, float)))
+    with atomic_write(f"{out}/eval.json", "w") as f:
+        f.write(json.dumps(result, indent=1))
+    log(f"wrote {out}/: {' '.join(RUN_FILES)}")
+    return result
 
 # ----------------------------------------------------------------------------- evaluation, loss plot
 @torch.no_grad()
-def val_loss(model, val, autocast, batches=20, batch_size=64):
-    """Mean loss over a fixed slice of the validation pairs."""
+def validate(run, val, names, autocast, log, batches=20, batch_size=64):
+    """Val loss on a fixed slice, 3 greedy captions to read, then best.pt (if lowest), ckpt.pt, loss.png."""
     tokens, image_of, lengths, images = val
-    losses = []
-    model.eval()
-    for i in range(0, min(len(lengths), batches * batch_size), batch_size):
-        rows = torch.arange(i, min(i + batch_size, len(lengths)), device=tokens.device)
-        with autocast():
-            batch = get_batch(rows, int(lengths[i:i + batch_size].max()), tokens, image_of, images)
-            losses.append(model(*batch)[1].float())
-    model.train()
-    return torch.stack(losses).mean().item()
-
-def validate(run, val, names, autocast, log):
-    """At each evaluation: validation loss, three greedy captions to read, best.pt, ckpt.pt, loss.png."""
-    loss = check_finite(val_loss(run.model, val, autocast), run)
-    run.history["val"].append((run.step, loss))
-    log(f"step {run.step}: val loss {loss:.4f}")
     run.model.eval()
-    with torch.no_grad(), autocast():
-        first3 = data.normalize(val[3][:3])  # (3, 3, 112, 112): val is (tokens, image_of, lengths, images)
+    losses = []
+    with autocast():
+        for rows in torch.arange(min(len(lengths), batches * batch_size)).split(batch_size):
+            batch = get_batch(rows.to(tokens.device), int(lengths[rows].max()), tokens, image_of, images)
+            losses.append(run.model(*batch)[1].float())
+        first3 = data.normalize(images[:3])  # (3, 3, 112, 112)
         seqs = run.model.generate_greedy(first3, run.model.config.max_seq)
     run.model.train()
+    loss = check_finite(torch.stack(losses).mean().item(), run)
+    log(f"step {run.step}: val loss {loss:.4f}")
     for name, ids in zip(names, seqs):
         log(f"   {name}: {run.tok.decode(ids)}")
-    if loss < run.best:
-        run.best = loss
+    if loss < min([v for _, v in run.history["val"]], default=math.inf):
         save_state(run, f"{run.args.out_dir}/best.pt", full=False)
+    run.history["val"].append((run.step, loss))
     save_state(run, f"{run.args.out_dir}/ckpt.pt")
     plot_losses(f"{run.args.out_dir}/loss.png", run.history)
 
 def check_finite(loss, run):
-    """A diverged run stops before it can overwrite the last good checkpoint."""
     if not math.isfinite(loss):
         raise UserError(f"{run.args.out_dir}/ckpt.pt: loss became {loss} at step {run.step}; the last good "
                         "checkpoint is kept (try a lower --lr or --dtype float32)")
@@ -240,16 +226,9 @@ def save_state(run, path, full=True):
     obj = {"model": run.model.state_dict(), "config": asdict(run.model.config), "tokenizer": run.tok.to_json(),
            "step": run.step, "settings": {k: getattr(run.args, k) for k in SETTINGS}}
     if full:
-        obj.update(optimizer=run.opt.state_dict(), scaler=run.scaler.state_dict(), best_val=run.best,
-                   history=run.history)
+        obj.update(optimizer=run.opt.state_dict(), scaler=run.scaler.state_dict(), history=run.history)
     with atomic_write(path) as f:
         torch.save(obj, f)
-
-def load_state(run, state):
-    run.model.load_state_dict(state["model"])
-    run.opt.load_state_dict(state["optimizer"])
-    run.scaler.load_state_dict(state["scaler"])
-    run.step, run.best, run.history = state["step"], state["best_val"], state["history"]
 
 def plot_losses(path, history, size=(720, 420), box=(64, 40, 656, 376)):
     """Train loss (blue, every log interval) and validation loss (red dots) on a log scale, and the
@@ -289,13 +268,11 @@ def get_args(argv=None):
     add_data_flags(p, default=None)
     p.add_argument("--out-dir", default="out")
     shown = {k: " / ".join(f"{r[k]} ({d})" for d, r in RECIPES.items()) for k in RECIPES["shapes"]} | SHARED
-    for name, kind in (("epochs", int), ("batch-size", int), ("lr", float), ("min-lr", float), ("seed", int),
-                       ("warmup-steps", int), ("half-res-epochs", int), ("weight-decay", float),
-                       ("grad-clip", float), ("dropout", float), ("vocab-size", int), ("n-vis", int),
-                       ("log-interval", int), ("eval-interval", int)):
-        p.add_argument(f"--{name}", type=kind, help=f"default: {shown[name.replace('-', '_')]}")
+    for k, v in (RECIPES["shapes"] | SHARED).items():  # a flag each, typed as its default (None: an int)
+        p.add_argument(f"--{k.replace('_', '-')}", type=int if v is None else type(v),
+                       choices=["auto", "float32", "bfloat16", "float16"] if k == "dtype" else None,
+                       help=f"default: {shown[k]}")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
-    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--max-steps", type=int, help="stop after this many steps (the schedule is unchanged)")
     p.add_argument("--resume", action="store_true", help="continue --out-dir/ckpt.pt with its settings")
@@ -310,25 +287,23 @@ def get_args(argv=None):
 
 def check_args(a):
     """Every flag, before any work or write: one line naming the flag, its value and what is allowed."""
+    v = {f"--{k.replace('_', '-')}": x for k, x in vars(a).items()}  # by flag: v["--lr"] is a.lr
+    rules = [(f, v[f] is None or v[f] >= 1, "at least 1")  # None: --eval-interval, --max-steps not given
+             for f in ("--epochs", "--batch-size", "--log-interval", "--eval-interval", "--max-steps")]
+    rules += [(f, v[f] >= 0, "0 or more") for f in ("--seed", "--warmup-steps", "--half-res-epochs",
+                                                   "--weight-decay")]
+    rules += [(f, v[f] > 0, "above 0") for f in ("--lr", "--grad-clip")]
     grid = math.isqrt(max(a.n_vis, 0))
-    check_flags(a, [
-        ("--epochs", a.epochs >= 1, "at least 1"), ("--batch-size", a.batch_size >= 1, "at least 1"),
-        ("--lr", a.lr > 0, "above 0"), ("--min-lr", 0 <= a.min_lr <= a.lr, f"between 0 and --lr {a.lr}"),
-        ("--warmup-steps", a.warmup_steps >= 0, "0 or more"),
-        ("--half-res-epochs", a.half_res_epochs >= 0, "0 or more"),
-        ("--weight-decay", a.weight_decay >= 0, "0 or more"),
-        ("--grad-clip", a.grad_clip > 0, "above 0"), ("--seed", a.seed >= 0, "0 or more"),
+    check_flags(a, rules + [
+        ("--min-lr", 0 <= a.min_lr <= a.lr, f"between 0 and --lr {a.lr}"),
         ("--vocab-size", 259 <= a.vocab_size <= 65536, "259 (3 specials + 256 bytes) to 65536"),
         ("--n-vis", 1 <= a.n_vis <= 196 and grid * grid == a.n_vis, "a square, 1 to 196 (1, 4, 9, 16...)"),
-        ("--dropout", 0 <= a.dropout < 1, "in [0, 1)"), ("--log-interval", a.log_interval >= 1, "at least 1"),
-        ("--eval-interval", a.eval_interval is None or a.eval_interval >= 1, "at least 1"),
-        ("--max-steps", a.max_steps is None or a.max_steps >= 1, "at least 1"),
+        ("--dropout", 0 <= a.dropout < 1, "in [0, 1)"),
         ("--resume", not (a.resume and a.overwrite), "given without --overwrite (continue, or replace)"),
         ("--out-dir", not os.path.isfile(a.out_dir), "a folder, not a file")])
 
 def main(argv=None):
     args = get_args(argv)
-    # Ctrl-C asks the loop to stop at the next step boundary, where the state is consistent.
     signal.signal(signal.SIGINT, lambda *_: STOP.append(True))
     try:
         return 130 if train(args) == "interrupted" else 0  # 130: the shell's code for "stopped by Ctrl-C"
@@ -337,17 +312,15 @@ def main(argv=None):
             dist.destroy_process_group()
 
 # ----------------------------------------------------------------------------- Ctrl-C, every rank
-STOP = []  # the Ctrl-C handler (main) appends True: stop at the next step boundary
+STOP = []  # Ctrl-C (main's handler) appends True: stop at the next step boundary, where the state is whole
 
 def stop_requested(step, every, world, device):
     """Ranks agree on STOP every `every` steps: all stop at one step, none left waiting in the all-reduce."""
-    if world == 1:
-        return bool(STOP)
-    if step % every:
-        return False
-    flag = torch.tensor([float(bool(STOP))], device=device)
-    dist.all_reduce(flag)
-    return flag.item() > 0
+    if world > 1 and step % every == 0:
+        flag = torch.tensor([float(bool(STOP))], device=device)
+        dist.all_reduce(flag)
+        return flag.item() > 0
+    return world == 1 and bool(STOP)  # one process stops at once; several, only at the steps they agree at
 
 def prepare_data(args, rank, world, log):
     """Rank 0 prepares (it may download ~1 GB first) while the others wait; then all read the arrays."""
