@@ -86,18 +86,14 @@ def device_problem(name):
 
 def pick_device(name="auto"):
     """"auto": cuda, else mps, else cpu, whichever first works; a named device must work."""
-    if name != "auto":
-        problem = device_problem(name)
-        if problem:
-            raise UserError(f"--device {name}: {problem}")
-        return name
-    for kind in ("cuda", "mps"):
+    for kind in ("cuda", "mps", "cpu") if name == "auto" else (name,):
         problem = device_problem(kind)
         if problem is None:
             return kind
+        if name != "auto":
+            raise UserError(f"--device {name}: {problem}")
         if problem != "not available here":  # there is a GPU, but it does not work: say so, once
             print(f"note: {kind} {problem}; using the cpu", file=sys.stderr)
-    return "cpu"
 
 def pick_dtype(name, device):
     if name != "auto":
@@ -156,11 +152,15 @@ def add_data_flags(parser, default):
     parser.add_argument("--prep-dir", help="where the prepared arrays go; default: --data-dir (set it when "
                         "--data-dir is read-only, e.g. ../shared/flickr8k)")
 
+def flag_value(args, flag):
+    """flag_value(args, "--batch-size") is args.batch_size."""
+    return getattr(args, flag[2:].replace("-", "_"))
+
 def check_flags(args, rules):
     """rules: [(flag, ok, what is allowed), ...], e.g. ("--epochs", args.epochs >= 1, "at least 1")."""
     for flag, ok, allowed in rules:
         if not ok:
-            raise UserError(f"{flag} {getattr(args, flag[2:].replace('-', '_'))}: must be {allowed}")
+            raise UserError(f"{flag} {flag_value(args, flag)}: must be {allowed}")
 
 # ----------------------------------------------------------------------------- downloads and archives
 def download(url, dest, advice, retries=4, backoff=1.0, timeout=(10, 60)):

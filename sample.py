@@ -7,9 +7,8 @@ sample.py: caption your own images with a trained SupraVL-Nano, see where it loo
     python sample.py --eval test --data shapes --json test.json
     python sample.py --eval test --data-dir ../shared/flickr8k --prep-dir data/flickr8k-small
 
---ckpt (default out/ckpt.pt): train.py's ckpt.pt or a folder in the published layout, such as train.py's
-out/ or SupraVL-Nano-900k itself (common.load_model reads every form). Captions and scores: scores.py.
-Left out: batching across --img calls, a server, image URLs.
+--ckpt (default out/ckpt.pt): a ckpt.pt or a published folder, such as train.py's out/ or SupraVL-Nano-900k
+(common.load_model reads each). Captions and scores: scores.py. Left out: a server batching calls, image URLs.
 """
 import argparse
 import json
@@ -23,7 +22,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 import data
 import scores
-from common import UserError, add_data_flags, atomic_write, check_flags, cli, load_model, pick_device
+from common import (UserError, add_data_flags, atomic_write, check_flags, cli, flag_value, load_model,
+                    pick_device)
 
 CELL, LABEL, COLUMNS = 128, 18, 6  # panel size in pixels, text strip under it, panels per row
 
@@ -58,16 +58,9 @@ def draw_attention(image_uint8, words_maps, path):
     with atomic_write(path) as f:
         canvas.save(f, format="PNG")
 
-def generation(args, device):
-    """--strategy and its settings, as scores.caption takes them (--seed makes top-k repeatable)."""
-    seeded = torch.Generator(device).manual_seed(args.seed) if args.seed is not None else None
-    return dict(strategy=args.strategy, beam_width=args.beam_width, length_penalty=args.length_penalty,
-                temperature=args.temperature, top_k=args.top_k, batch_size=args.batch_size, generator=seeded)
-
-def caption_files(args, model, tok, device):
-    """Print PATH<TAB>caption (num_samples lines) for every readable image, a batch at a time so the
-    first lines come at once; an unreadable one gets an error line instead. Returns how many failed."""
-    opts = generation(args, device)
+def caption_files(args, model, tok, opts):
+    """Print PATH<TAB>caption (num_samples lines) for every readable image, a batch at a time so the first
+    lines come at once; an unreadable one gets an error line instead. Returns 2 if any failed, else 0."""
     failed = 0
     for start in range(0, len(args.img), args.batch_size):
         batch = []  # (position in --img, path, image) for the readable ones
@@ -77,9 +70,7 @@ def caption_files(args, model, tok, device):
             except UserError as e:
                 print(f"error: {e}", file=sys.stderr)
                 failed += 1
-        if not batch:
-            continue
-        images = np.stack([image for _, _, image in batch])  # (B, S, S, 3) uint8
+        images = np.array([image for _, _, image in batch])  # (B, S, S, 3) uint8; B = 0 captions nothing
         out = scores.caption(model, tok, images, return_attn=bool(args.attn), **opts)
         samples = [out[0] if args.attn else out]  # the first sample is the one drawn: the same caption
         stem, ext = os.path.splitext(args.attn or "")
@@ -88,17 +79,16 @@ def caption_files(args, model, tok, device):
             draw_attention(image, words, args.attn if len(args.img) == 1 else f"{stem}_{i + 1}{ext}")
         samples += [scores.caption(model, tok, images, **opts) for _ in range(args.num_samples - 1)]
         for j, (_, path, _) in enumerate(batch):
-            for texts in samples:
-                print(f"{path}\t{texts[j]}", flush=True)
-    return failed
+            print("\n".join(f"{path}\t{texts[j]}" for texts in samples), flush=True)
+    return 2 if failed else 0
 
-def run_eval(args, model, tok, device):
+def run_eval(args, model, tok, opts):
     """Score a whole split; the scores go to stdout (and --json), data.prepare's log to stderr."""
     size = model.config.img_size
     prep_dir = data.prepare(args.data, args.data_dir, size, log=lambda m: print(m, file=sys.stderr),
                             prep_dir=args.prep_dir)
     split = data.load_split(prep_dir, args.eval, size)
-    r = scores.score_split(model, tok, split, args.data, args.eval, **generation(args, device))
+    r = scores.score_split(model, tok, split, args.data, args.eval, **opts)
     ms = r["ms_per_caption"]
     print(f"{args.data} {args.eval}: {r['n_images']} images, {args.strategy} search in batches of "
           f"{args.batch_size}: {ms:.1f} ms per caption ({1000 / ms:.1f} captions/s)")
@@ -123,30 +113,29 @@ def get_args(argv=None):
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--top-k", type=int, default=50)
     p.add_argument("--num-samples", type=int, default=1, help="captions per image (topk)")
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--seed", type=int, help="makes top-k repeatable")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--attn", help="write the attention picture here (attn_1.png... for several images)")
     add_data_flags(p, default="flickr8k")
     p.add_argument("--json", help="write the scores here")
     a = p.parse_args(argv)
-    check_flags(a, [("--beam-width", a.beam_width >= 1, "at least 1"),
-                    ("--top-k", a.top_k >= 1, "at least 1"),
-                    ("--temperature", a.temperature > 0, "above 0"),
-                    ("--length-penalty", a.length_penalty >= 0, "0 or more"),
-                    ("--num-samples", a.num_samples >= 1, "at least 1"),
-                    ("--num-samples", a.num_samples == 1 or a.strategy == "topk",
-                     "1 unless --strategy topk (beam and greedy give one caption)"),
-                    ("--batch-size", a.batch_size >= 1, "at least 1")])
+    at_least_1 = [(flag, flag_value(a, flag) >= 1, "at least 1")
+                  for flag in ("--beam-width", "--top-k", "--num-samples", "--batch-size")]
+    check_flags(a, at_least_1 + [("--temperature", a.temperature > 0, "above 0"),
+                                 ("--length-penalty", a.length_penalty >= 0, "0 or more"),
+                                 ("--num-samples", a.num_samples == 1 or a.strategy == "topk",
+                                  "1 unless --strategy topk (beam and greedy give one caption)")])
     return a
 
 def main(argv=None):
     args = get_args(argv)
     device = pick_device(args.device)
     model, tok = load_model(args.ckpt, device)
-    if args.eval:
-        return run_eval(args, model, tok, device)
-    return 2 if caption_files(args, model, tok, device) else 0
+    seeded = torch.Generator(device).manual_seed(args.seed) if args.seed is not None else None
+    opts = dict(strategy=args.strategy, beam_width=args.beam_width, length_penalty=args.length_penalty,
+                temperature=args.temperature, top_k=args.top_k, batch_size=args.batch_size, generator=seeded)
+    return (run_eval if args.eval else caption_files)(args, model, tok, opts)
 
 if __name__ == "__main__":
     sys.exit(cli(main))

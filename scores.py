@@ -82,8 +82,7 @@ def cider(references, hypotheses, n=4, sigma=6.0):
     for hyp, counts in zip(hypotheses, ref_counts):
         h_vec, h_norm, h_len = vector(ngrams(hyp.split(), n))
         total = 0.0
-        for ref in counts:
-            r_vec, r_norm, r_len = vector(ref)
+        for r_vec, r_norm, r_len in map(vector, counts):
             penalty = math.exp(-((h_len - r_len) ** 2) / (2 * sigma ** 2))
             for k in range(n):
                 # clipped: a hypothesis repeating an n-gram gains nothing beyond the reference's weight

@@ -33,7 +33,7 @@ import data
 import scores
 from bpe import Tokenizer
 from common import (RUN_FILES, UserError, add_data_flags, adopt_settings, atomic_write, check_flags,
-                    check_out_dir, cli, load_torch, precision, save_pretrained, setup)
+                    check_out_dir, cli, flag_value, load_torch, precision, save_pretrained, setup)
 from model import VLM, Config
 
 # Flickr8k: the card's recipe (15 epochs of 30,000 pairs, batch 64, AdamW(0.9, 0.95), wd 0.01 on matrices,
@@ -287,12 +287,11 @@ def get_args(argv=None):
 
 def check_args(a):
     """Every flag, before any work or write: one line naming the flag, its value and what is allowed."""
-    v = {f"--{k.replace('_', '-')}": x for k, x in vars(a).items()}  # by flag: v["--lr"] is a.lr
-    rules = [(f, v[f] is None or v[f] >= 1, "at least 1")  # None: --eval-interval, --max-steps not given
+    rules = [(f, flag_value(a, f) is None or flag_value(a, f) >= 1, "at least 1")  # None: not given
              for f in ("--epochs", "--batch-size", "--log-interval", "--eval-interval", "--max-steps")]
-    rules += [(f, v[f] >= 0, "0 or more") for f in ("--seed", "--warmup-steps", "--half-res-epochs",
-                                                   "--weight-decay")]
-    rules += [(f, v[f] > 0, "above 0") for f in ("--lr", "--grad-clip")]
+    rules += [(f, flag_value(a, f) >= 0, "0 or more")
+              for f in ("--seed", "--warmup-steps", "--half-res-epochs", "--weight-decay")]
+    rules += [(f, flag_value(a, f) > 0, "above 0") for f in ("--lr", "--grad-clip")]
     grid = math.isqrt(max(a.n_vis, 0))
     check_flags(a, rules + [
         ("--min-lr", 0 <= a.min_lr <= a.lr, f"between 0 and --lr {a.lr}"),
