@@ -76,8 +76,7 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x, cache=None, start=0, need_attn=False):
         """x (B,T,C) at positions start.. -> (B,T,C) and, if need_attn, the last query's weights (B,H,1,S)."""
         B, T, C = x.shape
-        q, k, v = self.qkv(x).split(C, dim=2)  # (B, T, C) each
-        q, k, v = (t.view(B, T, self.n_heads, -1).transpose(1, 2) for t in (q, k, v))  # (B, H, T, hd)
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, -1).permute(2, 0, 3, 1, 4)  # (B, H, T, hd) each
         if cache is not None:  # part 2: this layer's keys/values (2, B, H, S_max, hd); no torch.cat copies
             cache[:, :, :, start:start + T] = torch.stack([k, v])  # (2, B, H, T, hd) in place, after the past
             k, v = cache[:, :, :, :start + T]  # (B, H, S, hd) each: every position so far
@@ -143,9 +142,7 @@ class VLM(nn.Module):
 
     def _embed(self, vis, ids, start):
         """Token embeddings of ids (after the visual tokens vis, if given) plus positions from start."""
-        x = self.tok_emb(ids)  # (B, T, 128)
-        if vis is not None:
-            x = torch.cat([vis, x], dim=1)  # (B, 16+T, 128)
+        x = self.tok_emb(ids) if vis is None else torch.cat([vis, self.tok_emb(ids)], 1)  # (B, [16+]T, 128)
         pos = torch.arange(start, start + x.size(1), device=x.device)  # (16+T,)
         return self.drop(x + self.pos_emb(pos))
 
@@ -195,15 +192,14 @@ class VLM(nn.Module):
     def _sample_loop(self, images, max_new, pick, return_attn):
         """Greedy / top-k: pick(logp (B,V)) -> next tokens (B,), until every row has emitted EOS."""
         cache, logp, attn = self._start(images, max_new, return_attn)
-        toks = torch.zeros(images.size(0), 0, dtype=torch.long, device=images.device)  # (B, 0)
-        maps = []
+        toks, maps = [], []  # per step: the new tokens (B,) and their maps (B, L, n_vis)
         for t in range(max_new):
-            toks = torch.cat([toks, pick(logp)[:, None]], dim=1)  # (B, t+1)
+            toks.append(pick(logp))
             maps.append(attn)  # the attention of the position that chose the new token
-            if t == max_new - 1 or (toks == self.config.eos_id).any(1).all():
+            if t == max_new - 1 or (torch.stack(toks, 1) == self.config.eos_id).any(1).all():
                 break  # the last token is never fed back
-            logp, attn = self._decode(None, toks[:, -1:], cache, self.config.n_vis + 1 + t, return_attn)
-        return self._trim(toks, torch.stack(maps, 1) if return_attn else None)
+            logp, attn = self._decode(None, toks[-1][:, None], cache, self.config.n_vis + 1 + t, return_attn)
+        return self._trim(torch.stack(toks, 1), torch.stack(maps, 1) if return_attn else None)
 
     def generate_greedy(self, images, max_new=48, return_attn=False):
         """Most likely token at every step. Returns per image a list of ids (no BOS/EOS) or, with
@@ -228,10 +224,10 @@ class VLM(nn.Module):
         score = torch.zeros(B, 1, device=dev)  # (B, n): summed log-probs of each image's n live beams
         toks = torch.zeros(B, 0, dtype=torch.long, device=dev)  # (B*n, t): the live beams' tokens
         maps = torch.zeros(B, 0, cfg.n_layers, cfg.n_vis, device=dev)  # (B*n, t, L, n_vis), if kept
-        best, done = [None] * B, [False] * B  # per image: its best finished (score, tokens, maps)
+        best = [None] * B  # per image: its best finished (score, tokens, maps)
 
         def finish(b, s, row):  # a finished hypothesis of image b, kept if it beats the best so far
-            if not done[b] and (best[b] is None or s > best[b][0]):
+            if best[b] is None or s > best[b][0]:
                 best[b] = (s, toks[row].tolist(), maps[row] if return_attn else None)
         for t in range(max_new):
             n = score.size(1)
@@ -243,27 +239,23 @@ class VLM(nn.Module):
             order = is_eos.float().argsort(dim=1, stable=True)[:, :W]  # (B, W): the best W non-EOS, ranked
             score = top.gather(1, order)  # (B, W)
             src = (beam.gather(1, order) + n * torch.arange(B, device=dev)[:, None]).flatten()  # (B*W,)
-            tok = tok.gather(1, order).flatten()  # (B*W,)
-            toks = torch.cat([toks[src], tok[:, None]], dim=1)  # (B*W, t+1)
+            toks = torch.cat([toks[src], tok.gather(1, order).view(-1, 1)], dim=1)  # (B*W, t+1)
             if return_attn:  # the attention of the position that chose tok (an EOS step's is never kept)
                 maps = torch.cat([maps[src], attn[src, None]], dim=1)  # (B*W, t+1, L, n_vis)
-            # the best a live beam can still reach: its sum only falls, len**lp (lp > 0) grows until max_new
+            # the best a live beam can still reach: its sum only falls, len**lp grows to max_new if lp > 0
             bound = (score[:, 0] / (max_new if lp > 0 else 1) ** lp).tolist()
-            done = [d or (h is not None and x <= h[0]) for d, h, x in zip(done, best, bound)]
-            if all(done) or t == max_new - 1:
+            if t == max_new - 1 or all(h is not None and x <= h[0] for h, x in zip(best, bound)):
                 break
             cache = cache.index_select(1, src)  # row i of the new cache is row src[i] of the old one
-            logp, attn = self._decode(None, tok[:, None], cache, cfg.n_vis + 1 + t, return_attn)
+            logp, attn = self._decode(None, toks[:, -1:], cache, cfg.n_vis + 1 + t, return_attn)
         for b, s in enumerate((score[:, 0] / max_new ** lp).tolist()):
             finish(b, s, b * W)  # the live beams are ranked: beam 0 is their best
         seqs = [h[1] for h in best]
         return (seqs, [h[2] for h in best]) if return_attn else seqs
 
-# ============================================================================ part 3: the weights on disk
-# safetensors, by hand, so that a published model.safetensors needs no extra library.
+# ================ part 3: the weights on disk, safetensors by hand (a published model needs no extra library)
 # Layout: 8-byte little-endian header length N, N bytes of JSON {name: {dtype, shape, data_offsets}} (and
 # "__metadata__") padded with spaces to a multiple of 8, then the tensor bytes; data_offsets count from there.
-
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
           "U8": torch.uint8, "BOOL": torch.bool}
@@ -284,8 +276,7 @@ def safetensors_bytes(tensors, metadata=None):
     return struct.pack("<Q", len(text)) + text + data
 
 def read_safetensors(path):
-    """{name: tensor}; every size is checked against the bytes really in the file before anything is made.
-    A bad file raises ValueError("{path}: not a valid safetensors file: {why}")."""
+    """{name: tensor}; sizes are checked against the file's real bytes before allocating; else ValueError."""
     def check(ok, why):
         if not ok:
             raise ValueError(f"{path}: not a valid safetensors file: {why}")
