@@ -14,13 +14,14 @@ and added tokens matched inside text (encode never produces special ids; decode 
 """
 
 import argparse
+import functools
 import heapq
 import json
 import os
 import re
 import sys
 import time
-from collections import Counter, defaultdict
+from collections import Counter, defaultdict, namedtuple
 
 # -----------------------------------------------------------------------------
 # Splitting text into words, first: a merge never crosses a word boundary, so " dog" can become one token
@@ -102,16 +103,11 @@ def train_fast(texts, vocab_size):
     # after every merge: we push the new count and drop out-of-date entries when they come to the top.
     heap = [(-n, pair) for pair, n in stats.items()]
     heapq.heapify(heap)
-    while len(vocab) + 3 < vocab_size:
-        while heap and -heap[0][0] != stats[heap[0][1]]:
-            heapq.heappop(heap)
-        if not heap or -heap[0][0] < 2:
-            print(f"bpe: stopped early at {len(vocab) + 3} tokens: no pair occurs twice any more")
-            break
+    while len(vocab) + 3 < vocab_size and heap and -heap[0][0] >= 2:  # some pair may still occur twice
         n, pair = heapq.heappop(heap)
         new_token = vocab[pair[0]] + vocab[pair[1]]
-        if new_token in made:
-            continue  # skipped, as in train_simple
+        if -n != stats[pair] or new_token in made:
+            continue  # an out-of-date entry, or a pair skipped as in train_simple
         new_id = 3 + len(vocab)
         vocab[new_id] = new_token
         made.add(new_token)
@@ -132,6 +128,8 @@ def train_fast(texts, vocab_size):
             if d:
                 stats[p] += d
                 heapq.heappush(heap, (-stats[p], p))
+    if len(vocab) + 3 < vocab_size:
+        print(f"bpe: stopped early at {len(vocab) + 3} tokens: no pair occurs twice any more")
     return vocab, merges
 
 def tokenizer_json(vocab, merges):
@@ -151,18 +149,16 @@ def tokenizer_json(vocab, merges):
 class Tokenizer:
     """A BPE tokenizer as its tokenizer.json says: train() writes one (GPT-2's form), from_json() reads it."""
 
-    def __init__(self, vocab, merges, specials, source, unk_id, split, byte_level, prefix_space, suffix,
-                 fuse_unk, decoder_suffix):
-        """vocab {id: token string} of the ordinary tokens, merges [(id_a, id_b), ...] by rank."""
-        self.vocab, self.merges, self.source, self.unk_id = vocab, merges, source, unk_id
-        self.split, self.byte_level, self.prefix_space, self.suffix = split, byte_level, prefix_space, suffix
-        self.fuse_unk, self.decoder_suffix = fuse_unk, decoder_suffix
+    def __init__(self, vocab, merges, specials, source, unk_id, form):
+        """vocab {id: token string} of ordinary tokens, merges [(id_a, id_b), ...] by rank, form_of's form."""
+        self.vocab, self.merges, self.source, self.unk_id, self.form = vocab, merges, source, unk_id, form
         self.vocab_size = len(vocab) + len(specials)
         self.ids_of = {s: i for i, s in vocab.items()}
         self.pad_id, self.bos_id, self.eos_id = (specials.get(s, self.ids_of.get(s)) for s in SPECIALS)
         # pair -> (rank, id of the merged token); encode merges the lowest rank first
         self.ranks = {p: (r, self.ids_of[vocab[p[0]] + vocab[p[1]]]) for r, p in enumerate(merges)}
-        self.cache = {}  # word -> ids; captions reuse a few thousand words over and over
+        # encode_word remembers its last 100,000 words: captions reuse a few thousand words over and over
+        self.encode_word = functools.lru_cache(maxsize=100_000)(self.encode_word)
 
     @classmethod
     def train(cls, texts, vocab_size=2048):
@@ -171,12 +167,12 @@ class Tokenizer:
 
     def encode_word(self, word):
         """The ids of the word's characters (byte-level: its bytes'), then merges, lowest rank first."""
-        if self.byte_level:  # 'surrogatepass': any str encodes, even "\ud800" (it decodes as U+FFFD)
+        if self.form.byte_level:  # 'surrogatepass': any str encodes, even "\ud800" (it decodes as U+FFFD)
             word = "".join([BYTE_TO_CHAR[b] for b in word.encode("utf-8", "surrogatepass")])
         ids = []
-        for c in [*word[:-1], word[-1:] + self.suffix]:  # the last character carries end_of_word_suffix
+        for c in [*word[:-1], word[-1:] + self.form.suffix]:  # the last character carries end_of_word_suffix
             i = self.ids_of.get(c, self.unk_id)  # unseen in training: the unk token (one per run if fused)
-            if i is not None and not (self.fuse_unk and i == self.unk_id and ids[-1:] == [i]):
+            if i is not None and not (self.form.fuse_unk and i == self.unk_id and ids[-1:] == [i]):
                 ids.append(i)
         no_merge = (float("inf"), None)  # one tuple for all pairs: a new one per pair is 25% slower cold
         while len(ids) >= 2:
@@ -188,26 +184,19 @@ class Tokenizer:
 
     def encode(self, text):
         """Text -> ids (no <bos>/<eos> added). Special-token strings in the text are plain text."""
-        if self.prefix_space and text[:1] not in ("", " "):
+        if self.form.prefix_space and text[:1] not in ("", " "):
             text = " " + text  # ByteLevel add_prefix_space: the first word gets a space like the others
-        ids = []
-        for word in self.split(text):
-            if word not in self.cache:
-                if len(self.cache) > 100_000:  # bound the memory on endless new words
-                    self.cache.clear()
-                self.cache[word] = self.encode_word(word)
-            ids.extend(self.cache[word])
-        return ids
+        return [i for word in self.form.split(text) for i in self.encode_word(word)]
 
     def decode(self, ids):
         """Ids -> text, as `tokenizers` decodes them: special and unknown ids are dropped, bytes that are
         not UTF-8 (a character cut short) become U+FFFD. Never raises."""
         pieces = [self.vocab[i] for i in ids if i in self.vocab]
-        if self.byte_level:
+        if self.form.byte_level:
             return bytes(CHAR_TO_BYTE[c] for c in "".join(pieces)).decode("utf-8", "replace")
-        if self.decoder_suffix is None:
+        if self.form.decoder_suffix is None:
             return " ".join(pieces)  # no decoder: `tokenizers` puts a space between pieces
-        s = self.decoder_suffix  # BPEDecoder: a word's end becomes a space, except in the last piece
+        s = self.form.decoder_suffix  # BPEDecoder: a word's end becomes a space, except in the last piece
         return "".join([p.replace(s, " ") for p in pieces[:-1]] + [p.replace(s, "") for p in pieces[-1:]])
 
     def to_json(self):
@@ -238,7 +227,7 @@ class Tokenizer:
         unk = m.get("unk_token")
         check(unk is None or isinstance(unk, str) and unk in ids, f"model.unk_token {unk!r} is not a token")
         tokens = {i: s for s, i in ids.items() if s not in specials}
-        odd = [s for s in tokens.values() if form["byte_level"] and not set(s) <= CHAR_TO_BYTE.keys()]
+        odd = [s for s in tokens.values() if form.byte_level and not set(s) <= CHAR_TO_BYTE.keys()]
         check(not odd, f"{len(odd)} tokens are not byte-level, e.g. {odd[:1]}")
         pairs = []
         for k, mg in enumerate(merges):
@@ -249,7 +238,7 @@ class Tokenizer:
                 check(tok in ids and tok not in specials, f"merge {k} {mg!r} uses unknown token {tok!r}")
             pairs.append((ids[parts[0]], ids[parts[1]]))
         check(len(set(pairs)) == len(pairs), "model.merges has a repeated pair")
-        return cls(tokens, pairs, specials, text, ids.get(unk), **form)
+        return cls(tokens, pairs, specials, text, ids.get(unk), form)
 
     def save(self, path):
         tmp = path + ".tmp"  # write then rename, so a crash never leaves half a file
@@ -261,19 +250,20 @@ class Tokenizer:
     def load(cls, path):
         return cls.from_json(read_text(path), path)
 
+Form = namedtuple("Form", "split byte_level prefix_space suffix fuse_unk decoder_suffix")
+
 def form_of(d, check):
-    """Tokenizer's arguments for how tokenizer.json d splits and joins text, else check fails: ByteLevel
-    (add_prefix_space; no use_regex: the text is one word), or the quick tour's Whitespace(Split) BPE
-    (fuse_unk, end_of_word_suffix), its pieces joined by spaces ("a dog run s") or a BPEDecoder."""
-    loose = [k for k in ("normalizer", "pre_tokenizer", "post_processor", "decoder")
-             if not isinstance(d.get(k), (dict, type(None)))]  # e.g. a bare "ByteLevel"
-    check(not loose, f"{', '.join(loose)} must be a JSON object or null")
-    kind = {key: v.get("type") if isinstance(v, dict) else v for key, v in d.items()}  # "ByteLevel", None
-    m, pre, dec, post = d["model"], kind.get("pre_tokenizer"), kind.get("decoder"), kind.get("post_processor")
+    """How tokenizer.json d splits and joins text, else check fails: ByteLevel (add_prefix_space; no
+    use_regex: the text is one word), or the quick tour's Whitespace(Split) BPE (fuse_unk, end_of_word_suffix)
+    with pieces joined by spaces ("a dog run s") or a BPEDecoder (decoder_suffix; None: no decoder)."""
+    m, parts = d["model"], {k: d.get(k) for k in ("normalizer", "pre_tokenizer", "post_processor", "decoder")}
+    for key, part in parts.items():  # a bare "ByteLevel" is not one
+        check(isinstance(part, (dict, type(None))), f"{key} must be a JSON object or null")
+    norm, pre, post, dec = ((part or {}).get("type") for part in parts.values())  # "ByteLevel", None, ...
     check(m.get("type", "BPE") == "BPE", f"model type {m.get('type')!r} is not supported, only BPE")
     for key in ("dropout", "continuing_subword_prefix", "byte_fallback", "ignore_merges"):
         check(not m.get(key), f"model.{key}={m.get(key)!r} is not supported")
-    check(kind.get("normalizer") is None, f"normalizer {kind.get('normalizer')!r} is not supported")
+    check(norm is None, f"normalizer {norm!r} is not supported")
     check(post in (None, "ByteLevel"), f"post_processor {post!r} is not supported")
     splits = {"ByteLevel": SPLIT.findall, "Whitespace": re.compile(r"\w+|[^\w\s]+").findall,
               "WhitespaceSplit": str.split}
@@ -281,11 +271,11 @@ def form_of(d, check):
     byte_level = pre == "ByteLevel"
     check(dec in (("ByteLevel",) if byte_level else (None, "BPEDecoder")),
           f"decoder {dec!r} is not supported with pre_tokenizer {pre!r}")
-    whole = byte_level and not d["pre_tokenizer"].get("use_regex", True)
-    return {"split": (lambda text: [text] if text else []) if whole else splits[pre],
-            "byte_level": byte_level, "prefix_space": bool(d["pre_tokenizer"].get("add_prefix_space")),
-            "suffix": m.get("end_of_word_suffix") or "", "fuse_unk": bool(m.get("fuse_unk")),
-            "decoder_suffix": d["decoder"].get("suffix", "</w>") if dec == "BPEDecoder" else None}
+    whole = byte_level and not parts["pre_tokenizer"].get("use_regex", True)
+    return Form(split=(lambda text: [text] if text else []) if whole else splits[pre], byte_level=byte_level,
+                prefix_space=bool(parts["pre_tokenizer"].get("add_prefix_space")),
+                suffix=m.get("end_of_word_suffix") or "", fuse_unk=bool(m.get("fuse_unk")),
+                decoder_suffix=parts["decoder"].get("suffix", "</w>") if dec == "BPEDecoder" else None)
 
 # -----------------------------------------------------------------------------
 def read_text(path):
@@ -313,13 +303,11 @@ def main():
             lines = read_text(args.train).splitlines()
             t0 = time.perf_counter()
             tok = Tokenizer.train(lines, args.vocab_size)
-            seconds = time.perf_counter() - t0
             tok.save(args.out)
-            t0 = time.perf_counter()
+            t1 = time.perf_counter()
             n_tokens = sum(len(tok.encode(line)) for line in lines)
-            print(f"trained on {len(lines)} lines in {seconds:.2f} s: {len(tok.merges)} merges, "
-                  f"vocab {tok.vocab_size} -> {args.out}")
-            print(f"encoded them in {time.perf_counter() - t0:.2f} s: "
+            print(f"trained on {len(lines)} lines in {t1 - t0:.2f} s: {len(tok.merges)} merges, vocab "
+                  f"{tok.vocab_size} -> {args.out}\nencoded them in {time.perf_counter() - t1:.2f} s: "
                   f"{n_tokens / max(1, len(lines)):.2f} tokens per line")
         else:
             tok = Tokenizer.load(args.tokenizer)
