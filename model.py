@@ -253,9 +253,10 @@ class VLM(nn.Module):
         seqs = [h[1] for h in best]
         return (seqs, [h[2] for h in best]) if return_attn else seqs
 
-# ================ part 3: the weights on disk, safetensors by hand (a published model needs no extra library)
-# Layout: 8-byte little-endian header length N, N bytes of JSON {name: {dtype, shape, data_offsets}} (and
-# "__metadata__") padded with spaces to a multiple of 8, then the tensor bytes; data_offsets count from there.
+# ============================================================================ part 3: the weights on disk
+# safetensors by hand, so that a published model needs no extra library. Layout: 8-byte little-endian header
+# length N, N bytes of JSON {name: {dtype, shape, data_offsets}} (and "__metadata__") padded with spaces to a
+# multiple of 8, then the tensor bytes; data_offsets count from there.
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
           "U8": torch.uint8, "BOOL": torch.bool}
