@@ -30,10 +30,11 @@ from model import VLM, Config
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SHARED = os.path.join(HERE, "..", "shared", "flickr8k")
+ROWS = [("measurement", "ours", "baseline", "ratio")]  # the table's header, then a row per figure
 
 def row(what, ours, baseline="", ratio=""):
-    """One line of the table, printed as soon as it is measured."""
-    print(f"{what:<81}  {ours:<31}  {baseline:<51}  {ratio}", flush=True)
+    ROWS.append((what, ours, baseline, ratio))
+    print(f"  {what}: {ours}  {baseline}  {ratio}", file=sys.stderr)
 
 def best_time(fn, repeats):
     """Best wall time of `repeats` calls, the least disturbed by other work; gc on, as in real use."""
@@ -174,13 +175,16 @@ def main():
     args = p.parse_args()
     t0 = time.time()
     common.keep_freed_memory()  # as train.py does on the CPU
-    with open("/proc/cpuinfo") if os.path.exists("/proc/cpuinfo") else open(os.devnull) as f:
-        names = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
-    print(f"machine: {names[0] if names else platform.machine()}, {os.cpu_count()} cores, torch "
-          f"{torch.__version__} ({torch.get_num_threads()} threads), python {platform.python_version()}")
-    row("measurement", "ours", "baseline", "ratio")
     for part in (bench_tokenizer, bench_generation, bench_training, bench_preparation, bench_sampling):
         part(args.quick)
+    with open("/proc/cpuinfo") if os.path.exists("/proc/cpuinfo") else open(os.devnull) as f:
+        names = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
+    print(f"\nmachine: {names[0] if names else platform.machine()}, {os.cpu_count()} cores, torch "
+          f"{torch.__version__} ({torch.get_num_threads()} threads), python {platform.python_version()}")
+    widths = [max(map(len, column)) for column in zip(*ROWS)]
+    ROWS.insert(1, tuple("-" * w for w in widths))
+    for r in ROWS:
+        print("  ".join(s.ljust(w) for s, w in zip(r, widths)))
     print(f"bench took {time.time() - t0:.0f} s")
 
 if __name__ == "__main__":
