@@ -32,8 +32,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import data
 import scores
 from bpe import Tokenizer
-from common import (RUN_FILES, UserError, add_data_flags, adopt_settings, atomic_write, check_flags,
-                    check_out_dir, cli, flag_value, load_torch, precision, save_pretrained, setup)
+from common import (UserError, add_data_flags, atomic_write, check_flags, cli, flag_value, load_torch,
+                    precision, save_pretrained, setup)
 from model import VLM, Config
 
 # Flickr8k: the card's recipe (15 epochs of 30,000 pairs, batch 64, AdamW(0.9, 0.95), wd 0.01 on matrices,
@@ -47,6 +47,8 @@ SHARED = dict(weight_decay=0.01, grad_clip=1.0, seed=1337, vocab_size=2048, n_vi
               log_interval=20, eval_interval=None, dtype="auto")  # None: a tenth of the run, rounded up
 SETTINGS = ("data", "data_dir", "prep_dir", *RECIPES["shapes"], *SHARED)  # what a checkpoint remembers
 FIXED = ("data", "batch_size", "seed", "vocab_size", "n_vis", "dropout")  # --resume: another run if changed
+RUN_FILES = ("ckpt.pt", "best.pt", "loss.png", "model.safetensors", "config.json", "tokenizer.json",
+             "eval.json")  # what a run leaves in --out-dir
 
 # ----------------------------------------------------------------------------- data: pairs as rows
 def encode_pairs(split, tok, max_seq):
@@ -109,7 +111,7 @@ def train(args):
     ckpt = f"{args.out_dir}/ckpt.pt"
     state = check_out_dir(args, log) if rank == 0 else load_torch(ckpt) if args.resume else None
     if state:
-        adopt_settings(args, state, FIXED, log)
+        adopt_settings(args, state, log)
     torch.manual_seed(args.seed)
     train_split, val_split = prepare_data(args, rank, world, log)
     texts = [c for caps in train_split.captions for c in caps]  # the tokenizer learns from these alone
@@ -309,6 +311,38 @@ def main(argv=None):
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+# ----------------------------------------------------------------------------- a run's folder
+def check_out_dir(args, log):
+    """A run never silently replaces another. Returns the checkpoint to resume, or None."""
+    ckpt = os.path.join(args.out_dir, "ckpt.pt")
+    if args.resume:
+        if not os.path.isfile(ckpt):
+            raise UserError(f"{ckpt}: no checkpoint to resume (train without --resume first)")
+        state = load_torch(ckpt)
+        log(f"resuming {ckpt} at step {state['step']}")
+        return state
+    found = [n for n in RUN_FILES if os.path.exists(os.path.join(args.out_dir, n))]
+    if found and not args.overwrite:
+        held = load_torch(ckpt) if "ckpt.pt" in found else None
+        what = f"{held['settings']['data']}, step {held['step']}" if held else ", ".join(found)
+        raise UserError(f"{args.out_dir} already holds a run ({what}): continue it with --resume, "
+                        "choose another --out-dir, or replace it with --overwrite")
+    for name in found:  # --overwrite: the old run goes as a whole, so the folder never mixes two runs
+        os.remove(os.path.join(args.out_dir, name))
+    os.makedirs(args.out_dir, exist_ok=True)
+
+def adopt_settings(args, state, log):
+    """--resume: the checkpoint's settings; a flag given again wins (logged), or must match if in FIXED."""
+    for key, saved in state["settings"].items():
+        given = getattr(args, key)
+        if key not in args.given or given == saved:
+            setattr(args, key, saved)
+        elif key in FIXED:
+            raise UserError(f"--{key.replace('_', '-')} {given}: {args.out_dir}/ckpt.pt was trained with "
+                            f"{saved}; drop the flag to resume it, or start a new run in another --out-dir")
+        else:
+            log(f"resuming with --{key.replace('_', '-')} {given} instead of {saved}")
 
 # ----------------------------------------------------------------------------- Ctrl-C, every rank
 STOP = []  # Ctrl-C (main's handler) appends True: stop at the next step boundary, where the state is whole
