@@ -89,7 +89,8 @@ def card_beam(model, image, width, max_new):
 def bench_generation(quick):
     """Cached, batched decoding vs the card's plain loops, same weights."""
     torch.manual_seed(0)
-    model = VLM(Config(eos_id=-1)).eval()  # eos_id -1 is never produced: all 48 tokens, the worst case
+    model = VLM(Config()).eval()
+    model.config.eos_id = -1  # an id never produced: all 48 tokens, the worst case
     n = 4 if quick else 16
     images = torch.randn(n, 3, 112, 112)
     for name, plain, ours in (

@@ -271,11 +271,12 @@ def form_of(d, check):
     byte_level = pre == "ByteLevel"
     check(dec in (("ByteLevel",) if byte_level else (None, "BPEDecoder")),
           f"decoder {dec!r} is not supported with pre_tokenizer {pre!r}")
+    suffix, dec_suffix = m.get("end_of_word_suffix") or "", (parts["decoder"] or {}).get("suffix", "</w>")
+    check(isinstance(suffix, str) and isinstance(dec_suffix, str), "an end-of-word suffix is not a string")
     whole = byte_level and not parts["pre_tokenizer"].get("use_regex", True)
     return Form(split=(lambda text: [text] if text else []) if whole else splits[pre], byte_level=byte_level,
-                prefix_space=bool(parts["pre_tokenizer"].get("add_prefix_space")),
-                suffix=m.get("end_of_word_suffix") or "", fuse_unk=bool(m.get("fuse_unk")),
-                decoder_suffix=parts["decoder"].get("suffix", "</w>") if dec == "BPEDecoder" else None)
+                prefix_space=bool(parts["pre_tokenizer"].get("add_prefix_space")), suffix=suffix,
+                fuse_unk=bool(m.get("fuse_unk")), decoder_suffix=dec_suffix if dec == "BPEDecoder" else None)
 
 # -----------------------------------------------------------------------------
 def read_text(path):

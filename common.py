@@ -37,7 +37,7 @@ def cli(main):
         return main()
     except KeyboardInterrupt:
         message, code = "interrupted", 130  # 130: the shell's code for Ctrl-C
-    except (UserError, OSError) as e:
+    except (UserError, OSError, MemoryError) as e:  # MemoryError: e.g. numpy's "Unable to allocate 17.6 GiB"
         message = str(e)
     except torch.cuda.OutOfMemoryError as e:  # torch's message runs on for lines: keep its first sentence
         message = f"the GPU ran out of memory ({str(e).split('. ')[0]}); try a smaller --batch-size"
@@ -54,6 +54,8 @@ def atomic_write(path, mode="wb"):
         with open(tmp, mode, encoding=None if "b" in mode else "utf-8") as f:
             yield f
         os.replace(tmp, path)
+    except OSError as e:  # name the file the user asked for, not our temporary one
+        raise OSError(e.errno, e.strerror, path) from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -221,7 +223,7 @@ def extract_zip(path, dest_dir):
             if os.path.isdir(target):
                 shutil.rmtree(target)
             os.replace(os.path.join(tmp, entry), target)
-    except (zipfile.BadZipFile, zlib.error, EOFError) as e:
+    except (zipfile.BadZipFile, zlib.error, EOFError, RuntimeError, NotImplementedError) as e:  # or encrypted
         os.remove(path)
         raise UserError(f"{path}: corrupt archive ({e}); removed it, run again to download it again") from None
     finally:

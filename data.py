@@ -276,8 +276,8 @@ def decode_images(paths, size=112, workers=None, label="images"):
 def prepare_flickr8k(data_dir, prep_dir, size=112, base_url=DEFAULT_BASE_URL, log=print):
     """Downloads (if needed), extracts, parses and decodes Flickr8k into the prepared format."""
     os.makedirs(data_dir, exist_ok=True)
-    token_path = os.path.join(data_dir, TOKEN_FILE)
-    for archive, extracted in (("Flickr8k_text.zip", lambda: os.path.isfile(token_path)),
+    token_path, *lists = [os.path.join(data_dir, n) for n in (TOKEN_FILE, *SPLIT_LISTS.values())]
+    for archive, extracted in (("Flickr8k_text.zip", lambda: all(map(os.path.isfile, [token_path, *lists]))),
                                ("Flickr8k_Dataset.zip", lambda: _find_image_dir(data_dir))):
         if extracted():
             continue  # extracted before, or a folder that came without zips
@@ -292,17 +292,19 @@ def prepare_flickr8k(data_dir, prep_dir, size=112, base_url=DEFAULT_BASE_URL, lo
     captions, malformed = parse_tokens(token_path)
     image_dir = _find_image_dir(data_dir)
     log(f"{TOKEN_FILE}: {len(captions)} images, {malformed} malformed lines skipped; images from {image_dir}")
-    for split in SPLITS:
-        with open(os.path.join(data_dir, SPLIT_LISTS[split]), encoding="utf-8", errors="replace") as f:
+    for split, list_path in zip(SPLITS, lists):
+        with open(list_path, encoding="utf-8", errors="replace") as f:
             listed = list(dict.fromkeys(f.read().split()))  # unique names, in order
         present = [n for n in listed if n in captions and os.path.isfile(os.path.join(image_dir, n))]
         images, ok, errors = decode_images([os.path.join(image_dir, n) for n in present], size, label=split)
         names = [n for n, good in zip(present, ok) if good]
-        save_split(prep_dir, split, names, images, [captions[n] for n in names], size)
         uncaptioned = sum(n not in captions for n in listed)
         log(f"  {split:5s}: {len(names)} of {len(listed)} listed images prepared; skipped "
             f"{len(listed) - uncaptioned - len(present)} missing, {len(errors)} unreadable, "
             f"{uncaptioned} without captions" + "".join(f"\n    {e}" for e in errors[:3]))
+        if not names:  # an empty split would fail later, with a message that blames something else
+            raise UserError(f"{list_path}: none of its {len(listed)} listed images could be prepared")
+        save_split(prep_dir, split, names, images, [captions[n] for n in names], size)
 
 # ----------------------------------------------------------------------------- one entry point
 def prepare(data, data_dir=None, size=112, base_url=DEFAULT_BASE_URL, log=print, prep_dir=None):

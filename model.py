@@ -37,13 +37,22 @@ class Config:
     bos_id: int = 1
     eos_id: int = 2
 
-    def __post_init__(self):
-        if self.n_vis < 1 or math.isqrt(self.n_vis) ** 2 != self.n_vis:
-            raise ValueError(f"Config: n_vis must be a perfect square (1, 4, 16, ...), got {self.n_vis}")
-        if self.d_model % self.n_heads:
-            raise ValueError(f"Config: d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
-        if self.vis_ch % 4:
-            raise ValueError(f"Config: vis_ch must be a multiple of 4, got {self.vis_ch}")
+    def __post_init__(self):  # a config.json may hold anything: every field is checked before a layer is made
+        for name, value in vars(self).items():
+            low = 0 if name.endswith("_id") else 1
+            if name != "dropout" and (type(value) is not int or value < low):
+                raise ValueError(f"Config: {name} must be a whole number of at least {low}, got {value!r}")
+        ids = (self.pad_id, self.bos_id, self.eos_id)
+        problems = [
+            (math.isqrt(self.n_vis) ** 2 != self.n_vis, f"n_vis {self.n_vis} is not a square (1, 4, 16...)"),
+            (self.d_model % self.n_heads, f"d_model {self.d_model} is no multiple of n_heads {self.n_heads}"),
+            (self.vis_ch % 4, f"vis_ch {self.vis_ch} is not a multiple of 4"),
+            (not 8 <= self.img_size <= 1024, f"img_size {self.img_size} is not in 8..1024"),
+            (max(ids) >= self.vocab_size, f"token ids {ids} do not all fit in vocab_size {self.vocab_size}"),
+            (not 0 <= self.dropout < 1, f"dropout {self.dropout} is not in [0, 1)")]
+        for bad, problem in problems:
+            if bad:
+                raise ValueError(f"Config: {problem}")
 
 # ======================================================= part 1: the model, starting with the visual encoder
 def conv_block(cin, cout):  # halves H and W; its weights are named .0 (conv) and .1 (norm)

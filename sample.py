@@ -73,13 +73,13 @@ def caption_files(args, model, tok, opts):
         images = np.array([image for _, _, image in batch])  # (B, S, S, 3) uint8; B = 0 captions nothing
         out = scores.caption(model, tok, images, return_attn=bool(args.attn), **opts)
         samples = [out[0] if args.attn else out]  # the first sample is the one drawn: the same caption
+        samples += [scores.caption(model, tok, images, **opts) for _ in range(args.num_samples - 1)]
+        for j, (_, path, _) in enumerate(batch):
+            print("\n".join(f"{path}\t{texts[j]}" for texts in samples), flush=True)
         stem, ext = os.path.splitext(args.attn or "")
         for j, (i, _, image) in enumerate(batch if args.attn else []):  # attn.png, or attn_1.png... by place
             words = word_attention(tok, out[1][j], out[2][j])
             draw_attention(image, words, args.attn if len(args.img) == 1 else f"{stem}_{i + 1}{ext}")
-        samples += [scores.caption(model, tok, images, **opts) for _ in range(args.num_samples - 1)]
-        for j, (_, path, _) in enumerate(batch):
-            print("\n".join(f"{path}\t{texts[j]}" for texts in samples), flush=True)
     return 2 if failed else 0
 
 def run_eval(args, model, tok, opts):
@@ -122,7 +122,8 @@ def get_args(argv=None):
     a = p.parse_args(argv)
     at_least_1 = [(flag, flag_value(a, flag) >= 1, "at least 1")
                   for flag in ("--beam-width", "--top-k", "--num-samples", "--batch-size")]
-    check_flags(a, at_least_1 + [("--temperature", a.temperature > 0, "above 0"),
+    check_flags(a, at_least_1 + [("--seed", a.seed is None or 0 <= a.seed < 2 ** 32, "0 to 2**32 - 1"),
+                                 ("--temperature", a.temperature > 0, "above 0"),
                                  ("--length-penalty", a.length_penalty >= 0, "0 or more"),
                                  ("--num-samples", a.num_samples == 1 or a.strategy == "topk",
                                   "1 unless --strategy topk (beam and greedy give one caption)")])
@@ -132,6 +133,8 @@ def main(argv=None):
     args = get_args(argv)
     device = pick_device(args.device)
     model, tok = load_model(args.ckpt, device)
+    half = model.config.vocab_size // 2  # a beam step keeps the 2W best next tokens of the vocabulary
+    check_flags(args, [("--beam-width", args.beam_width <= half, f"at most {half}, half the vocabulary")])
     seeded = torch.Generator(device).manual_seed(args.seed) if args.seed is not None else None
     opts = dict(strategy=args.strategy, beam_width=args.beam_width, length_penalty=args.length_penalty,
                 temperature=args.temperature, top_k=args.top_k, batch_size=args.batch_size, generator=seeded)

@@ -1011,6 +1011,25 @@ def test_prepare_from_folder_without_zips_into_prep_dir(tmp_path):
     assert data.load_split(out, "train", 16).names == ["t1.jpg"]  # the others are missing, not fatal
 
 
+def test_a_missing_split_list_or_an_empty_split_is_one_line_before_any_split_is_saved(tmp_path, server_factory):
+    zips, text = make_zips(), io.BytesIO()
+    with zipfile.ZipFile(text, "w") as zf:
+        zf.writestr("Flickr8k.token.txt", TOKENS)  # no split lists
+    _, url, _ = server_factory(zips | {"Flickr8k_text.zip": text.getvalue()})
+    with pytest.raises(UserError, match="Flickr8k_text.zip: does not hold the expected"):
+        data.prepare("flickr8k", str(tmp_path / "a"), size=16, base_url=url, log=lambda s: None)
+    src = tmp_path / "b"
+    (src / "images128").mkdir(parents=True)
+    (src / "Flickr8k.token.txt").write_text(TOKENS)
+    for list_name, names in zip(data.SPLIT_LISTS.values(), (["gone.jpg"], VAL, TEST)):
+        (src / list_name).write_text("\n".join(names) + "\n")
+    for n in VAL + TEST:
+        (src / "images128" / n).write_bytes(jpeg_bytes((9, 9, 9)))
+    with pytest.raises(UserError, match="trainImages.txt: none of its 1 listed images could be prepared"):
+        data.prepare("flickr8k", str(src), size=16, log=lambda s: None)
+    assert not [n for n in os.listdir(src) if n.endswith(".npy")]
+
+
 def test_download_resumes_after_a_dropped_connection(tmp_path, server_factory):
     body = os.urandom(300_000)
     _, url, seen = server_factory({"big.zip": body}, mode="drop")
@@ -1060,6 +1079,12 @@ def test_corrupt_archive_is_named_and_removed(tmp_path, server_factory):
     with pytest.raises(UserError, match="not_a.zip: corrupt archive"):
         data.extract_zip(str(d / "not_a.zip"), str(d))
     assert not (d / "not_a.zip").exists()
+    enc = bytearray(make_zips()["Flickr8k_text.zip"])
+    enc[6] |= 1  # the first entry's "encrypted" flag, in its local header and in the central directory
+    enc[enc.index(b"PK\x01\x02") + 8] |= 1
+    (d / "enc.zip").write_bytes(bytes(enc))
+    with pytest.raises(UserError, match="enc.zip: corrupt archive .*encrypted"):
+        data.extract_zip(str(d / "enc.zip"), str(d))
 
 
 @pytest.mark.parametrize("evil", ["../evil.txt", "ok/../../evil.txt", "/abs_evil.txt"])
@@ -1439,6 +1464,17 @@ def test_the_published_folder_loads_in_every_form(saved, tmp_path, capsys):
         common.load_model(str(tmp_path / "a"))
 
 
+@pytest.mark.parametrize("bad, says", [
+    ({"N_HEADS": 0}, "n_heads must be a whole number of at least 1, got 0"),
+    ({"IMG_SIZE": "112"}, "img_size must be a whole number"), ({"IMG_SIZE": 4}, "img_size 4 is not in 8..1024"),
+    ({"bos_token_id": 100000}, "token ids .* do not all fit in vocab_size"), ({"D_MODEL": 33}, "d_model 33 is no multiple of n_heads 2")])
+def test_a_config_json_with_bad_values_is_one_line(saved, tmp_path, bad, says):
+    _, model, tok = saved
+    folder = published_folder(tmp_path / "f", model, tok, model.state_dict(), **bad)
+    with pytest.raises(UserError, match=r"config.json: bad config \(Config: " + says):
+        common.load_model(folder)
+
+
 # ----------------------------------------------------------------------------- the command line
 
 
@@ -1745,6 +1781,25 @@ def test_out_dir_that_is_a_file_and_bad_flags_of_sample_and_data(tmp_path, capsy
         assert code == 2 and err.startswith(f"error: {says}") and not (tmp_path / "d").exists(), err
 
 
+def test_a_foreign_ckpt_pt_in_out_dir_is_one_line(tmp_path, capsys):
+    torch.save({"w": torch.zeros(2)}, tmp_path / "ckpt.pt")
+    code, err = one_line_exit(capsys, train.main, ["--data", "shapes", "--out-dir", str(tmp_path)])
+    assert code == 2 and "already holds a run (ckpt.pt)" in err
+    code, err = one_line_exit(capsys, train.main, ["--data", "shapes", "--out-dir", str(tmp_path), "--resume"])
+    assert code == 2 and "ckpt.pt: not a checkpoint of train.py" in err
+
+
+def test_sample_flags_that_only_the_model_can_check(saved, tmp_path, capsys):
+    root, model, _ = saved
+    img = tmp_path / "x.png"
+    Image.new("RGB", (32, 32)).save(img)
+    half = model.config.vocab_size // 2
+    for flags, says in ((["--beam-width", str(half + 1)], f"--beam-width {half + 1}: must be at most {half}"),
+                        (["--seed", str(2 ** 70)], f"--seed {2 ** 70}: must be 0 to 2**32 - 1")):
+        code, err = one_line_exit(capsys, sample.main, ["--img", str(img), "--ckpt", str(root / "export"), *flags])
+        assert code == 2 and err.startswith(f"error: {says}") and err.count("\n") == 1, err
+
+
 def test_a_run_is_never_silently_replaced(shapes_dir, tmp_path, capsys):
     assert train.main(tiny_args(shapes_dir, tmp_path, "--max-steps", "7")) == 0
     before = {n: (tmp_path / n).read_bytes() for n in os.listdir(tmp_path)}
@@ -1802,8 +1857,8 @@ def test_a_failed_write_keeps_the_previous_file(tmp_path, monkeypatch):
     def half_then_full(f):
         f.write(b"new but ")
         raise OSError(28, "No space left on device")
-    with pytest.raises(OSError), common.atomic_write(str(path)) as f:
-        half_then_full(f)
+    with pytest.raises(OSError, match=re.escape(f"{path}'")), common.atomic_write(str(path)) as f:
+        half_then_full(f)  # the error names the file asked for, not the temporary one
     assert path.read_bytes() == b"old and whole" and os.listdir(tmp_path) == ["a.bin"]
     # a prepared split: both of its files are written that way
     data.save_split(str(tmp_path), "val", ["a"], np.zeros((1, 8, 8, 3), np.uint8), [["x"]], 8)

@@ -109,7 +109,7 @@ class Run:
 def train(args):
     device, dtype, rank, world, log = setup(args)
     ckpt = f"{args.out_dir}/ckpt.pt"
-    state = check_out_dir(args, log) if rank == 0 else load_torch(ckpt) if args.resume else None
+    state = check_out_dir(args, log) if rank == 0 else load_run(ckpt) if args.resume else None
     if state:
         adopt_settings(args, state, log)
     torch.manual_seed(args.seed)
@@ -291,12 +291,13 @@ def check_args(a):
     """Every flag, before any work or write: one line naming the flag, its value and what is allowed."""
     rules = [(f, flag_value(a, f) is None or flag_value(a, f) >= 1, "at least 1")  # None: not given
              for f in ("--epochs", "--batch-size", "--log-interval", "--eval-interval", "--max-steps")]
-    rules += [(f, flag_value(a, f) >= 0, "0 or more")
-              for f in ("--seed", "--warmup-steps", "--half-res-epochs", "--weight-decay")]
+    rules += [(f, flag_value(a, f) >= 0, "0 or more") for f in ("--warmup-steps", "--half-res-epochs",
+                                                              "--weight-decay")]
     rules += [(f, flag_value(a, f) > 0, "above 0") for f in ("--lr", "--grad-clip")]
     grid = math.isqrt(max(a.n_vis, 0))
     check_flags(a, rules + [
         ("--min-lr", 0 <= a.min_lr <= a.lr, f"between 0 and --lr {a.lr}"),
+        ("--seed", 0 <= a.seed < 2 ** 32, "0 to 2**32 - 1"),
         ("--vocab-size", 259 <= a.vocab_size <= 65536, "259 (3 specials + 256 bytes) to 65536"),
         ("--n-vis", 1 <= a.n_vis <= 196 and grid * grid == a.n_vis, "a square, 1 to 196 (1, 4, 9, 16...)"),
         ("--dropout", 0 <= a.dropout < 1, "in [0, 1)"),
@@ -319,18 +320,29 @@ def check_out_dir(args, log):
     if args.resume:
         if not os.path.isfile(ckpt):
             raise UserError(f"{ckpt}: no checkpoint to resume (train without --resume first)")
-        state = load_torch(ckpt)
+        state = load_run(ckpt)
         log(f"resuming {ckpt} at step {state['step']}")
         return state
     found = [n for n in RUN_FILES if os.path.exists(os.path.join(args.out_dir, n))]
     if found and not args.overwrite:
-        held = load_torch(ckpt) if "ckpt.pt" in found else None
-        what = f"{held['settings']['data']}, step {held['step']}" if held else ", ".join(found)
+        try:
+            held = load_run(ckpt)
+            what = f"{held['settings']['data']}, step {held['step']}"
+        except UserError:  # no ckpt.pt, or not train.py's: the files say what is there
+            what = ", ".join(found)
         raise UserError(f"{args.out_dir} already holds a run ({what}): continue it with --resume, "
                         "choose another --out-dir, or replace it with --overwrite")
     for name in found:  # --overwrite: the old run goes as a whole, so the folder never mixes two runs
         os.remove(os.path.join(args.out_dir, name))
     os.makedirs(args.out_dir, exist_ok=True)
+
+def load_run(path):
+    """train.py's own ckpt.pt, else a one-line error: a foreign file is never half read."""
+    state = load_torch(path)
+    keys = ("model", "config", "tokenizer", "step", "settings", "optimizer", "scaler", "history")
+    if not isinstance(state, dict) or not all(k in state for k in keys):
+        raise UserError(f"{path}: not a checkpoint of train.py (it holds {', '.join(keys)})")
+    return state
 
 def adopt_settings(args, state, log):
     """--resume: the checkpoint's settings; a flag given again wins (logged), or must match if in FIXED."""
