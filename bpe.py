@@ -217,6 +217,7 @@ class Tokenizer:
         m, form = d["model"], form_of(d, check)
         vocab, merges, added = m.get("vocab"), m.get("merges") or [], d.get("added_tokens") or []
         check(isinstance(vocab, dict) and vocab, "model.vocab is missing or empty")
+        check(isinstance(merges, list) and isinstance(added, list), "model.merges, added_tokens: not lists")
         bad = next((f"vocab id {i!r} of {s!r}" for s, i in vocab.items() if type(i) is not int or i < 0), "")
         check(not bad, f"{bad} is not a non-negative integer")
         check(all(isinstance(t, dict) and type(t.get("id")) is int and isinstance(t.get("content"), str)

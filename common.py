@@ -1,8 +1,8 @@
 """
 common.py: the plumbing the chapters share, written once: one-line errors and atomic writes, devices,
 precision and processes, the dataset flags, downloads that resume, zip archives extracted safely, torch
-checkpoints that run no code, and the published layout (load_model reads every form SupraVL-Nano-900k's
-tools wrote; the safetensors format itself is model.py's last part).
+checkpoints that run no code, the published layout (load_model reads every form SupraVL-Nano-900k's tools
+wrote; the safetensors format itself is model.py's last part), and a run's folder.
 
 Left out: proxies, checksums, other archives, sharded checkpoints, remote hubs, pickled Python objects.
 Tests: python -m pytest test_all.py -k "flags or device or download or archive or load_model or resume"
@@ -333,3 +333,53 @@ def load_model(path, device="cpu"):
         raise UserError(f"{path}: tokenizer has {tok.vocab_size} ids, the model only {c.vocab_size}")
     model.load_state_dict(weights, strict=True)
     return model.to(device).eval(), tok
+
+# ----------------------------------------------------------------------------- a run's folder
+RUN_FILES = ("ckpt.pt", "best.pt", "loss.png", "model.safetensors", "config.json", "tokenizer.json",
+             "eval.json")  # what train.py leaves in --out-dir
+
+def check_out_dir(args, log):
+    """A run never silently replaces another. Returns the checkpoint to resume, or None."""
+    ckpt = os.path.join(args.out_dir, "ckpt.pt")
+    if args.resume:
+        if not os.path.isfile(ckpt):
+            raise UserError(f"{ckpt}: no checkpoint to resume (train without --resume first)")
+        state = load_run(ckpt)
+        log(f"resuming {ckpt} at step {state['step']}")
+        return state
+    found = [n for n in RUN_FILES if os.path.exists(os.path.join(args.out_dir, n))]
+    if found and not args.overwrite:
+        try:
+            held = load_run(ckpt)
+            what = f"{held['settings']['data']}, step {held['step']}"
+        except UserError:  # no ckpt.pt, or not train.py's: the files say what is there
+            what = ", ".join(found)
+        raise UserError(f"{args.out_dir} already holds a run ({what}): continue it with --resume, "
+                        "choose another --out-dir, or replace it with --overwrite")
+    os.makedirs(args.out_dir, exist_ok=True)
+
+def clear_old_run(out_dir):
+    """--overwrite: the old run goes as a whole, so the folder never mixes two runs."""
+    for path in [os.path.join(out_dir, name) for name in RUN_FILES]:
+        if os.path.exists(path):
+            os.remove(path)
+
+def load_run(path):
+    """train.py's own ckpt.pt, else a one-line error: a foreign file is never half read."""
+    state = load_torch(path)
+    keys = ("model", "config", "tokenizer", "step", "settings", "optimizer", "scaler", "history")
+    if not isinstance(state, dict) or not all(k in state for k in keys):
+        raise UserError(f"{path}: not a checkpoint of train.py (it holds {', '.join(keys)})")
+    return state
+
+def adopt_settings(args, state, fixed, log):
+    """--resume: the checkpoint's settings; a flag given again wins (logged), or must match if in `fixed`."""
+    for key, saved in state["settings"].items():
+        given = getattr(args, key)
+        if key not in args.given or given == saved:
+            setattr(args, key, saved)
+        elif key in fixed:
+            raise UserError(f"--{key.replace('_', '-')} {given}: {args.out_dir}/ckpt.pt was trained with "
+                            f"{saved}; drop the flag to resume it, or start a new run in another --out-dir")
+        else:
+            log(f"resuming with --{key.replace('_', '-')} {given} instead of {saved}")

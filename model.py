@@ -299,18 +299,19 @@ def read_safetensors(path):
         head, blob = f.read(n), f.read()  # blob: the data the file holds, whatever the header claims
     try:
         header = json.loads(head)
-    except ValueError:  # also UnicodeDecodeError
+    except (ValueError, RecursionError):  # also UnicodeDecodeError; RecursionError: "[[[[..." nested deep
         check(False, "header is not JSON")
     check(isinstance(header, dict), "header is not a JSON object")
     header.pop("__metadata__", None)  # free-form strings, e.g. {"format": "pt"}
     spans, end = [], 0
     for name, info in header.items():
         info = info if isinstance(info, dict) else {}
-        dtype, shape, offsets = DTYPES.get(info.get("dtype")), info.get("shape"), info.get("data_offsets")
+        dtype = DTYPES.get(str(info.get("dtype")))  # str(): a list is no dtype, and cannot be a dict key
+        shape, offsets = info.get("shape"), info.get("data_offsets")
         a, b = offsets if isinstance(offsets, list) and len(offsets) == 2 else (None, None)
         check(dtype is not None, f"tensor {name!r} has unknown dtype {info.get('dtype')!r}")
-        check(isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape),
-              f"tensor {name!r} has shape {shape!r}, not a list of sizes")
+        check(isinstance(shape, list) and all(type(d) is int and 0 <= d < 2 ** 63 for d in shape),
+              f"tensor {name!r} has shape {shape!r}, not a list of sizes (each below 2**63)")
         check(type(a) is int and type(b) is int and 0 <= a <= b <= len(blob),
               f"tensor {name!r} has data_offsets {[a, b]} outside the {len(blob)} data bytes")
         need = math.prod(shape) * dtype.itemsize

@@ -13,6 +13,7 @@ import math
 import os
 import random
 import re
+import shutil
 import signal
 import struct
 import subprocess
@@ -181,6 +182,10 @@ def test_bad_tokenizer_files_raise_clear_errors(tok, tmp_path):
         "not byte-level": (_edit(good, lambda d: d["model"]["vocab"].update({"a€b": len(d["model"]["vocab"])})),
                            "not byte-level, e.g. ['a€b']"),
         "unk not in vocab": (_edit(good, lambda d: d["model"].update(unk_token="[UNK]")), "unk_token '[UNK]'"),
+        "added tokens a number": (_edit(good, lambda d: d.update(added_tokens=5)), "added_tokens: not lists"),
+        "merges a number": (_edit(good, lambda d: d["model"].update(merges=7)), "model.merges, added_tokens"),
+        "suffix a number": (_edit(quick_tour, lambda d: d.update({dec: {"type": "BPEDecoder", "suffix": 5}})),
+                            "suffix is not a string"),
         # the parts of other tokenizer.json files we do not read
         "wordpiece": (_edit(good, lambda d: d["model"].update(type="WordPiece")), "model type 'WordPiece'"),
         "unigram": (_edit(good, lambda d: d["model"].update(type="Unigram")), "model type 'Unigram'"),
@@ -875,6 +880,9 @@ def craft(path, header, payload=b"", length=None):
     # a header claiming a 4 TB tensor is refused from its offsets, nothing is allocated
     ({"x": {"dtype": "F32", "shape": [10 ** 12], "data_offsets": [0, 4 * 10 ** 12]}}, b"", None, "outside"),
     ({"x": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}, b"\0" * 4, None, "shape"),
+    ({"x": {"dtype": "F32", "shape": [0, 10 ** 20], "data_offsets": [0, 0]}}, b"", None, "below 2\\*\\*63"),
+    ({"x": {"dtype": ["F32"], "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4, None, "unknown dtype"),
+    (b"[" * 100_000 + b"]" * 100_000, b"", None, "not JSON"),
     ({"x": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
       "y": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 8, None, "starts at byte 0"),
 ])
@@ -1810,6 +1818,37 @@ def test_a_run_is_never_silently_replaced(shapes_dir, tmp_path, capsys):
     (tmp_path / "eval.json").unlink()  # a run that stopped early has no eval.json: nothing may survive it
     assert train.main(tiny_args(shapes_dir, tmp_path, "--max-steps", "3", "--overwrite")) == 0
     assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 3
+
+
+def test_a_run_stopped_in_its_last_step_finishes_on_resume(shapes_dir, uninterrupted, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(uninterrupted[0], out)
+    for name in ("eval.json", "model.safetensors"):
+        (out / name).unlink()  # as after a Ctrl-C in the last step or in the final scoring
+    # no --data: the checks see the run's own settings (shapes' min-lr 1e-5), not Flickr8k's defaults (3e-5)
+    assert train.main(["--out-dir", str(out), "--resume", "--lr", "2e-5", "--device", "cpu"]) == 0
+    assert (out / "eval.json").exists() and (out / "model.safetensors").exists()
+    code, err = one_line_exit(capsys, train.main, tiny_args(shapes_dir, out, "--resume", "--max-steps", "30"))
+    assert code == 2 and err.startswith("error: --max-steps 30: must be above 60"), err
+    before = {n: (out / n).read_bytes() for n in os.listdir(out)}
+    code, err = one_line_exit(capsys, train.main, tiny_args(shapes_dir, out, "--overwrite", "--batch-size", "999"))
+    assert code == 2 and err.startswith("error: --batch-size 999: must be at most 240"), err
+    assert {n: (out / n).read_bytes() for n in os.listdir(out)} == before  # the old run stays until one starts
+
+
+def test_ctrl_c_before_the_loop_stops_at_once_and_twice_in_it_too(tmp_path):
+    p = subprocess.Popen([sys.executable, "train.py", "--data", "shapes", "--prep-dir", str(tmp_path / "prep"),
+                          "--out-dir", str(tmp_path / "out")], cwd=HERE, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env=os.environ | {"PYTHONUNBUFFERED": "1"})
+    assert "preparing" in p.stdout.readline() + p.stdout.readline()  # the device line, then the data's
+    p.send_signal(signal.SIGINT)  # while shapes are being drawn: nothing to save, so no reason to wait
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 130 and err.strip() == "error: interrupted", err
+    train.STOP.clear()
+    train.request_stop(signal.SIGINT, None)  # in the loop: the first asks for a stop at the next step
+    with pytest.raises(KeyboardInterrupt):
+        train.request_stop(signal.SIGINT, None)  # the second stops at once
+    train.STOP.clear()
 
 
 def test_resume_refuses_contradictions_and_says_what_changes(shapes_dir, tmp_path, capsys):

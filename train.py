@@ -32,8 +32,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import data
 import scores
 from bpe import Tokenizer
-from common import (UserError, add_data_flags, atomic_write, check_flags, cli, flag_value, load_torch,
-                    precision, save_pretrained, setup)
+from common import (RUN_FILES, UserError, add_data_flags, adopt_settings, atomic_write, check_flags,
+                    check_out_dir, clear_old_run, cli, flag_value, load_run, precision, save_pretrained,
+                    setup)
 from model import VLM, Config
 
 # Flickr8k: the card's recipe (15 epochs of 30,000 pairs, batch 64, AdamW(0.9, 0.95), wd 0.01 on matrices,
@@ -47,8 +48,6 @@ SHARED = dict(weight_decay=0.01, grad_clip=1.0, seed=1337, vocab_size=2048, n_vi
               log_interval=20, eval_interval=None, dtype="auto")  # None: a tenth of the run, rounded up
 SETTINGS = ("data", "data_dir", "prep_dir", *RECIPES["shapes"], *SHARED)  # what a checkpoint remembers
 FIXED = ("data", "batch_size", "seed", "vocab_size", "n_vis", "dropout")  # --resume: another run if changed
-RUN_FILES = ("ckpt.pt", "best.pt", "loss.png", "model.safetensors", "config.json", "tokenizer.json",
-             "eval.json")  # what a run leaves in --out-dir
 
 # ----------------------------------------------------------------------------- data: pairs as rows
 def encode_pairs(split, tok, max_seq):
@@ -111,7 +110,8 @@ def train(args):
     ckpt = f"{args.out_dir}/ckpt.pt"
     state = check_out_dir(args, log) if rank == 0 else load_run(ckpt) if args.resume else None
     if state:
-        adopt_settings(args, state, log)
+        adopt_settings(args, state, FIXED, log)
+        check_args(args)  # now with the run's own settings
     torch.manual_seed(args.seed)
     train_split, val_split = prepare_data(args, rank, world, log)
     texts = [c for caps in train_split.captions for c in caps]  # the tokenizer learns from these alone
@@ -134,13 +134,18 @@ def train(args):
     val = on_device(val_split, tok, model.config.max_seq, device)
     small = data.half_size(images) if args.half_res_epochs else None  # made once, not at every step
     steps_per_epoch = len(lengths) // world // args.batch_size
-    total = args.epochs * steps_per_epoch
-    if not run.step < total:
-        raise UserError(f"--epochs {args.epochs}: {total} steps of {len(lengths)} pairs, and the run is at "
-                        f"step {run.step}" + ("" if total else "; fewer pairs than one batch"))
+    total = args.epochs * steps_per_epoch  # a run at step == total (stopped in its last step) only finishes
+    check_flags(args, [
+        ("--batch-size", steps_per_epoch > 0, f"at most {len(lengths) // world}, the pairs of each process"),
+        ("--epochs", run.step <= total, f"enough for the {run.step} steps the run has done"),
+        ("--max-steps", (args.max_steps or math.inf) > run.step, f"above {run.step}, where the run is")])
+    if rank == 0 and args.overwrite:
+        clear_old_run(args.out_dir)  # only now that the new run starts
     stop_at, every = min(total, args.max_steps or total), args.eval_interval or -(-total // 10)
     log(f"{len(lengths):,} training pairs, {args.epochs} epochs of {steps_per_epoch} steps: {total} steps")
 
+    STOP.clear()
+    signal.signal(signal.SIGINT, request_stop)  # from here on, Ctrl-C stops at a step boundary
     t0, logged, order = time.time(), run.step, None
     while run.step < stop_at:
         epoch, i = divmod(run.step, steps_per_epoch)
@@ -173,13 +178,15 @@ def train(args):
             t0, logged = time.time(), run.step
             log(f"epoch {epoch + 1}/{args.epochs} step {run.step}/{total} loss {loss_val:.4f} lr {lr:.2e} "
                 f"{args.batch_size * world / dt:.0f} img/s eta {(stop_at - run.step) * dt / 60:.1f} min")
-        if stop_requested(run.step, args.log_interval, world, device):
-            return interrupted(run, rank, world, log)
         if run.step % every == 0 or run.step == stop_at:
             if rank == 0:
                 validate(run, val, val_split.names, autocast, log)
             if world > 1:
                 dist.barrier()  # the others wait while rank 0 evaluates and writes
+            t0, logged = time.time(), run.step  # img/s counts training steps, not the evaluation
+        if stop_requested(run.step, args.log_interval, world, device):
+            return interrupted(run, rank, world, log)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # the final scoring stops at once
     return finish(run, val_split, log) if rank == 0 else None
 
 def finish(run, val_split, log):
@@ -284,7 +291,10 @@ def get_args(argv=None):
     for k, v in ({"data": "flickr8k"} | RECIPES[args.data or "flickr8k"] | SHARED).items():
         if getattr(args, k) is None:
             setattr(args, k, v)
-    check_args(args)
+    if args.resume:  # checked once the checkpoint's settings are in (train: adopt_settings, check_args)
+        check_flags(args, [("--resume", not args.overwrite, "without --overwrite (continue, or replace)")])
+    else:
+        check_args(args)
     return args
 
 def check_args(a):
@@ -301,63 +311,25 @@ def check_args(a):
         ("--vocab-size", 259 <= a.vocab_size <= 65536, "259 (3 specials + 256 bytes) to 65536"),
         ("--n-vis", 1 <= a.n_vis <= 196 and grid * grid == a.n_vis, "a square, 1 to 196 (1, 4, 9, 16...)"),
         ("--dropout", 0 <= a.dropout < 1, "in [0, 1)"),
-        ("--resume", not (a.resume and a.overwrite), "given without --overwrite (continue, or replace)"),
         ("--out-dir", not os.path.isfile(a.out_dir), "a folder, not a file")])
 
 def main(argv=None):
     args = get_args(argv)
-    signal.signal(signal.SIGINT, lambda *_: STOP.append(True))
     try:
         return 130 if train(args) == "interrupted" else 0  # 130: the shell's code for "stopped by Ctrl-C"
     finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # train() sets its own for the loop
         if dist.is_initialized():
             dist.destroy_process_group()
 
-# ----------------------------------------------------------------------------- a run's folder
-def check_out_dir(args, log):
-    """A run never silently replaces another. Returns the checkpoint to resume, or None."""
-    ckpt = os.path.join(args.out_dir, "ckpt.pt")
-    if args.resume:
-        if not os.path.isfile(ckpt):
-            raise UserError(f"{ckpt}: no checkpoint to resume (train without --resume first)")
-        state = load_run(ckpt)
-        log(f"resuming {ckpt} at step {state['step']}")
-        return state
-    found = [n for n in RUN_FILES if os.path.exists(os.path.join(args.out_dir, n))]
-    if found and not args.overwrite:
-        try:
-            held = load_run(ckpt)
-            what = f"{held['settings']['data']}, step {held['step']}"
-        except UserError:  # no ckpt.pt, or not train.py's: the files say what is there
-            what = ", ".join(found)
-        raise UserError(f"{args.out_dir} already holds a run ({what}): continue it with --resume, "
-                        "choose another --out-dir, or replace it with --overwrite")
-    for name in found:  # --overwrite: the old run goes as a whole, so the folder never mixes two runs
-        os.remove(os.path.join(args.out_dir, name))
-    os.makedirs(args.out_dir, exist_ok=True)
-
-def load_run(path):
-    """train.py's own ckpt.pt, else a one-line error: a foreign file is never half read."""
-    state = load_torch(path)
-    keys = ("model", "config", "tokenizer", "step", "settings", "optimizer", "scaler", "history")
-    if not isinstance(state, dict) or not all(k in state for k in keys):
-        raise UserError(f"{path}: not a checkpoint of train.py (it holds {', '.join(keys)})")
-    return state
-
-def adopt_settings(args, state, log):
-    """--resume: the checkpoint's settings; a flag given again wins (logged), or must match if in FIXED."""
-    for key, saved in state["settings"].items():
-        given = getattr(args, key)
-        if key not in args.given or given == saved:
-            setattr(args, key, saved)
-        elif key in FIXED:
-            raise UserError(f"--{key.replace('_', '-')} {given}: {args.out_dir}/ckpt.pt was trained with "
-                            f"{saved}; drop the flag to resume it, or start a new run in another --out-dir")
-        else:
-            log(f"resuming with --{key.replace('_', '-')} {given} instead of {saved}")
-
 # ----------------------------------------------------------------------------- Ctrl-C, every rank
-STOP = []  # Ctrl-C (main's handler) appends True: stop at the next step boundary, where the state is whole
+STOP = []  # request_stop appends True: the loop stops at the next step boundary, where the state is whole
+
+def request_stop(signum, frame):
+    """Ctrl-C in the training loop: stop at the next step boundary; a second Ctrl-C stops at once."""
+    if STOP:
+        raise KeyboardInterrupt
+    STOP.append(True)
 
 def stop_requested(step, every, world, device):
     """Ranks agree on STOP every `every` steps: all stop at one step, none left waiting in the all-reduce."""
@@ -380,6 +352,7 @@ def prepare_data(args, rank, world, log):
 def interrupted(run, rank, world, log):
     if rank == 0:
         save_state(run, f"{run.args.out_dir}/ckpt.pt")
+        plot_losses(f"{run.args.out_dir}/loss.png", run.history)
     if world > 1:
         dist.barrier()  # the others wait for the checkpoint: torchrun ends them all once one leaves
     log(f"\ninterrupted at step {run.step}, saved {run.args.out_dir}/ckpt.pt; continue with:\n"
