@@ -356,13 +356,14 @@ def check_out_dir(args, log):
             what = ", ".join(found)
         raise UserError(f"{args.out_dir} already holds a run ({what}): continue it with --resume, "
                         "choose another --out-dir, or replace it with --overwrite")
-    os.makedirs(args.out_dir, exist_ok=True)
 
-def clear_old_run(out_dir):
-    """--overwrite: the old run goes as a whole, so the folder never mixes two runs."""
-    for path in [os.path.join(out_dir, name) for name in RUN_FILES]:
-        if os.path.exists(path):
-            os.remove(path)
+def start_out_dir(out_dir, overwrite):
+    """Once the new run is known to start: --overwrite removes the old one whole, so no folder mixes two."""
+    if overwrite:
+        for name in RUN_FILES:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(out_dir, name))
+    os.makedirs(out_dir, exist_ok=True)
 
 def load_run(path):
     """train.py's own ckpt.pt, else a one-line error: a foreign file is never half read."""

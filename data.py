@@ -192,7 +192,7 @@ def contact_sheet(split, path, n=12, cols=4):
 
 # ----------------------------------------------------------------------------- Flickr8k: real photos
 DEFAULT_BASE_URL = "https://github.com/jbrownlee/Datasets/releases/download/Flickr8k/"
-ADVICE = "check the network, use --base-url for a mirror, or --data shapes to work offline"
+ADVICE = "check the network, use a mirror (python data.py --data flickr8k --base-url URL), or --data shapes"
 SPLIT_LISTS = {"train": "Flickr_8k.trainImages.txt", "val": "Flickr_8k.devImages.txt",
                "test": "Flickr_8k.testImages.txt"}
 TOKEN_FILE = "Flickr8k.token.txt"

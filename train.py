@@ -33,8 +33,7 @@ import data
 import scores
 from bpe import Tokenizer
 from common import (RUN_FILES, UserError, add_data_flags, adopt_settings, atomic_write, check_flags,
-                    check_out_dir, clear_old_run, cli, flag_value, load_run, precision, save_pretrained,
-                    setup)
+                    check_out_dir, cli, flag_value, load_run, precision, save_pretrained, setup, start_out_dir)
 from model import VLM, Config
 
 # Flickr8k: the card's recipe (15 epochs of 30,000 pairs, batch 64, AdamW(0.9, 0.95), wd 0.01 on matrices,
@@ -139,8 +138,8 @@ def train(args):
         ("--batch-size", steps_per_epoch > 0, f"at most {len(lengths) // world}, the pairs of each process"),
         ("--epochs", run.step <= total, f"enough for the {run.step} steps the run has done"),
         ("--max-steps", (args.max_steps or math.inf) > run.step, f"above {run.step}, where the run is")])
-    if rank == 0 and args.overwrite:
-        clear_old_run(args.out_dir)  # only now that the new run starts
+    if rank == 0:
+        start_out_dir(args.out_dir, args.overwrite)  # only now, when every check has passed
     stop_at, every = min(total, args.max_steps or total), args.eval_interval or -(-total // 10)
     log(f"{len(lengths):,} training pairs, {args.epochs} epochs of {steps_per_epoch} steps: {total} steps")
 
