@@ -90,7 +90,7 @@ def bench_generation(quick):
     """Cached, batched decoding vs the card's plain loops, same weights."""
     torch.manual_seed(0)
     model = VLM(Config()).eval()
-    model.config.eos_id = -1  # an id never produced: all 48 tokens, the worst case
+    model.config.eos_id = -1  # never produced (Config refuses it: set after): all 48 tokens, the worst case
     n = 4 if quick else 16
     images = torch.randn(n, 3, 112, 112)
     for name, plain, ours in (

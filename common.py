@@ -38,7 +38,7 @@ def cli(main):
     except KeyboardInterrupt:
         message, code = "interrupted", 130  # 130: the shell's code for Ctrl-C
     except (UserError, OSError, MemoryError) as e:  # MemoryError: e.g. numpy's "Unable to allocate 17.6 GiB"
-        message = str(e)
+        message = str(e) or type(e).__name__
     except torch.cuda.OutOfMemoryError as e:  # torch's message runs on for lines: keep its first sentence
         message = f"the GPU ran out of memory ({str(e).split('. ')[0]}); try a smaller --batch-size"
     if _progress["open"]:
@@ -54,8 +54,8 @@ def atomic_write(path, mode="wb"):
         with open(tmp, mode, encoding=None if "b" in mode else "utf-8") as f:
             yield f
         os.replace(tmp, path)
-    except OSError as e:  # name the file the user asked for, not our temporary one
-        raise OSError(e.errno, e.strerror, path) from None
+    except OSError as e:  # one line naming the file asked for (not our temporary one; a full disk names none)
+        raise OSError(f"{path}: {e.strerror or e}") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -223,9 +223,11 @@ def extract_zip(path, dest_dir):
             if os.path.isdir(target):
                 shutil.rmtree(target)
             os.replace(os.path.join(tmp, entry), target)
-    except (zipfile.BadZipFile, zlib.error, EOFError, RuntimeError, NotImplementedError) as e:  # or encrypted
+    except (zipfile.BadZipFile, zlib.error, EOFError) as e:
         os.remove(path)
         raise UserError(f"{path}: corrupt archive ({e}); removed it, run again to download it again") from None
+    except (RuntimeError, NotImplementedError) as e:  # encrypted, or deflate64: a new download will not help
+        raise UserError(f"{path}: unsupported zip ({e}); extract it yourself into {dest_dir}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -338,6 +340,14 @@ def load_model(path, device="cpu"):
 RUN_FILES = ("ckpt.pt", "best.pt", "loss.png", "model.safetensors", "config.json", "tokenizer.json",
              "eval.json")  # what train.py leaves in --out-dir
 
+def load_run(path):
+    """train.py's own ckpt.pt, else a one-line error: a foreign file is never half read."""
+    state = load_torch(path)
+    keys = ("model", "config", "tokenizer", "step", "settings", "optimizer", "scaler", "history")
+    if not isinstance(state, dict) or not all(k in state for k in keys):
+        raise UserError(f"{path}: not a checkpoint of train.py (it holds {', '.join(keys)})")
+    return state
+
 def check_out_dir(args, log):
     """A run never silently replaces another. Returns the checkpoint to resume, or None."""
     ckpt = os.path.join(args.out_dir, "ckpt.pt")
@@ -364,14 +374,6 @@ def start_out_dir(out_dir, overwrite):
             with contextlib.suppress(FileNotFoundError):
                 os.remove(os.path.join(out_dir, name))
     os.makedirs(out_dir, exist_ok=True)
-
-def load_run(path):
-    """train.py's own ckpt.pt, else a one-line error: a foreign file is never half read."""
-    state = load_torch(path)
-    keys = ("model", "config", "tokenizer", "step", "settings", "optimizer", "scaler", "history")
-    if not isinstance(state, dict) or not all(k in state for k in keys):
-        raise UserError(f"{path}: not a checkpoint of train.py (it holds {', '.join(keys)})")
-    return state
 
 def adopt_settings(args, state, fixed, log):
     """--resume: the checkpoint's settings; a flag given again wins (logged), or must match if in `fixed`."""

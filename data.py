@@ -318,10 +318,10 @@ def prepare(data, data_dir=None, size=112, base_url=DEFAULT_BASE_URL, log=print,
     except UserError:  # absent, or half written by a run that was killed
         try:
             os.makedirs(prep_dir, exist_ok=True)
-            if not (os.access(prep_dir, os.W_OK) and os.stat(prep_dir).st_mode & 0o200):  # root ignores modes
-                raise PermissionError("read-only")
         except OSError as e:
-            raise UserError(f"{prep_dir}: not writable ({e.strerror or e}); pass --prep-dir DIR") from None
+            raise UserError(f"{prep_dir}: cannot create it ({e.strerror}); pass --prep-dir DIR") from None
+        if not os.access(prep_dir, os.W_OK) or not os.stat(prep_dir).st_mode & 0o200:  # root ignores modes
+            raise UserError(f"{prep_dir}: not writable; pass --prep-dir DIR for the prepared arrays")
         t0 = time.time()
         log(f"{data}: preparing into {prep_dir}")
         if data == "shapes":

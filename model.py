@@ -252,7 +252,7 @@ class VLM(nn.Module):
             if return_attn:  # the attention of the position that chose tok (an EOS step's is never kept)
                 maps = torch.cat([maps[src], attn[src, None]], dim=1)  # (B*W, t+1, L, n_vis)
             # the best a live beam can still reach: its sum only falls, len**lp grows to max_new if lp > 0
-            bound = (score[:, 0] / (max_new if lp > 0 else 1) ** lp).tolist()
+            bound = (score[:, 0] / max_new ** lp).tolist()
             if t == max_new - 1 or all(h is not None and x <= h[0] for h, x in zip(best, bound)):
                 break
             cache = cache.index_select(1, src)  # row i of the new cache is row src[i] of the old one

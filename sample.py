@@ -134,7 +134,8 @@ def main(argv=None):
     device = pick_device(args.device)
     model, tok = load_model(args.ckpt, device)
     half = model.config.vocab_size // 2  # a beam step keeps the 2W best next tokens of the vocabulary
-    check_flags(args, [("--beam-width", args.beam_width <= half, f"at most {half}, half the vocabulary")])
+    check_flags(args, [("--beam-width", args.beam_width <= half or args.strategy != "beam",
+                        f"at most {half}, half the vocabulary")])
     seeded = torch.Generator(device).manual_seed(args.seed) if args.seed is not None else None
     opts = dict(strategy=args.strategy, beam_width=args.beam_width, length_penalty=args.length_penalty,
                 temperature=args.temperature, top_k=args.top_k, batch_size=args.batch_size, generator=seeded)
