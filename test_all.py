@@ -1837,6 +1837,16 @@ def test_a_run_stopped_in_its_last_step_finishes_on_resume(shapes_dir, uninterru
     assert {n: (out / n).read_bytes() for n in os.listdir(out)} == before  # the old run stays until one starts
 
 
+def test_a_run_resumes_only_with_as_many_processes_as_it_had(shapes_dir, uninterrupted, tmp_path, capsys):
+    shutil.copytree(uninterrupted[0], tmp_path / "run")
+    state = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)
+    assert state["world"] == 1
+    torch.save(state | {"world": 2}, tmp_path / "run" / "ckpt.pt")  # as torchrun --nproc_per_node=2 saves it
+    code, err = one_line_exit(capsys, train.main, tiny_args(shapes_dir, tmp_path / "run", "--resume"))
+    assert code == 2 and "trained by 2 processes, not 1: resume it with torchrun --standalone " \
+                         "--nproc_per_node=2 train.py --resume" in err, err
+
+
 def test_ctrl_c_before_the_loop_stops_at_once_and_twice_in_it_too(tmp_path):
     p = subprocess.Popen([sys.executable, "train.py", "--data", "shapes", "--prep-dir", str(tmp_path / "prep"),
                           "--out-dir", str(tmp_path / "out")], cwd=HERE, stdout=subprocess.PIPE,
@@ -1969,7 +1979,10 @@ def test_generation_keeps_attention_maps_on_the_device(trained, monkeypatch):
 def test_data_preparation_waits_under_a_long_timeout(monkeypatch, shapes_dir):
     calls = []
     monkeypatch.setattr(train.dist, "new_group", lambda **kw: calls.append(("group", kw)) or "G")
-    monkeypatch.setattr(train.dist, "barrier", lambda group=None: calls.append(("barrier", group)))
+    class Done:  # what an async barrier returns once every process has arrived
+        is_completed, wait = (lambda self: True), (lambda self: None)
+    monkeypatch.setattr(train.dist, "barrier", lambda group=None, async_op=False: calls.append(("barrier", group))
+                        or Done())
     monkeypatch.setattr(train.data, "prepare", lambda *a, **k: calls.append(("prepare",)))
     args = train.get_args(["--data", "shapes", "--data-dir", str(shapes_dir)])
     split, _ = train.prepare_data(args, rank=1, world=2, log=lambda *a: None)

@@ -103,6 +103,7 @@ class Run:
     opt: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     step: int = 0
+    world: int = 1  # processes: their number sets the steps of an epoch, so a resume must keep it
     history: dict = field(default_factory=lambda: {"train": [], "val": [], "lr": []})
 
 def train(args):
@@ -112,6 +113,9 @@ def train(args):
     if state:
         adopt_settings(args, state, FIXED, log)
         check_args(args)  # now with the run's own settings
+        if state.get("world", 1) != world:  # the number of processes sets the steps of an epoch
+            raise UserError(f"{ckpt}: trained by {state['world']} processes, not {world}: resume it with "
+                            f"{resume_command(state['world'], args.out_dir)}")
     torch.manual_seed(args.seed)
     train_split, val_split = prepare_data(args, rank, world, log)
     texts = [c for caps in train_split.captions for c in caps]  # the tokenizer learns from these alone
@@ -120,7 +124,7 @@ def train(args):
                        bos_id=tok.bos_id, eos_id=tok.eos_id)).to(device)
     log(f"tokenizer {tok.vocab_size} ids, model {model.num_params():,} parameters, {args.n_vis} visual tokens")
     run = Run(args, model, tok, make_optimizer(model, args),
-              torch.amp.GradScaler(device.split(":")[0], enabled=dtype == torch.float16))
+              torch.amp.GradScaler(device.split(":")[0], enabled=dtype == torch.float16), world=world)
     if state:  # --resume: the run as save_state left it
         for part, key in ((model, "model"), (run.opt, "optimizer"), (run.scaler, "scaler")):
             part.load_state_dict(state[key])
@@ -235,7 +239,7 @@ def check_finite(loss, run):
 def save_state(run, path, full=True):
     """Only tensors, numbers and strings, so that it loads with weights_only=True."""
     obj = {"model": run.model.state_dict(), "config": asdict(run.model.config), "tokenizer": run.tok.to_json(),
-           "step": run.step, "settings": {k: getattr(run.args, k) for k in SETTINGS}}
+           "step": run.step, "world": run.world, "settings": {k: getattr(run.args, k) for k in SETTINGS}}
     if full:
         obj.update(optimizer=run.opt.state_dict(), scaler=run.scaler.state_dict(), history=run.history)
     with atomic_write(path) as f:
@@ -343,11 +347,17 @@ def stop_requested(step, every, world, device):
 
 def prepare_data(args, rank, world, log):
     """Rank 0 prepares (it may download ~1 GB first) while the others wait; then all read the arrays."""
+    # a gloo group with a long timeout (the default 10 minutes is shorter than a slow download), made by all
+    # processes before rank 0 starts: making it is itself a wait for every process, and Ctrl-C cannot stop it
+    group = dist.new_group(backend="gloo", timeout=timedelta(hours=2)) if world > 1 else None
     if rank == 0:
         data.prepare(args.data, args.data_dir, log=log, prep_dir=args.prep_dir)
-    if world > 1:  # a gloo group with a long timeout: the default 10 minutes is shorter than a slow download
+    if world > 1:
         log("the other processes wait (up to 2 hours) until the data is prepared")
-        dist.barrier(group=dist.new_group(backend="gloo", timeout=timedelta(hours=2)))
+        done = dist.barrier(group=group, async_op=True)
+        while not done.is_completed():  # polled, not a blocking wait, so that Ctrl-C still gets through
+            time.sleep(0.1)
+        done.wait()  # raises if rank 0 failed
     prep_dir = data.folders(args.data, args.data_dir, args.prep_dir)[1]
     return data.load_split(prep_dir, "train"), data.load_split(prep_dir, "val")
 
@@ -358,8 +368,12 @@ def interrupted(run, rank, world, log):
     if world > 1:
         dist.barrier()  # the others wait for the checkpoint: torchrun ends them all once one leaves
     log(f"\ninterrupted at step {run.step}, saved {run.args.out_dir}/ckpt.pt; continue with:\n"
-        f"  python train.py --resume --out-dir {run.args.out_dir}")
+        f"  {resume_command(world, run.args.out_dir)}")
     return "interrupted"
+
+def resume_command(world, out_dir):
+    launch = f"torchrun --standalone --nproc_per_node={world} train.py" if world > 1 else "python train.py"
+    return f"{launch} --resume --out-dir {out_dir}"
 
 if __name__ == "__main__":
     sys.exit(cli(main))
