@@ -202,10 +202,12 @@ class VLM(nn.Module):
         """Greedy / top-k: pick(logp (B,V)) -> next tokens (B,), until every row has emitted EOS."""
         cache, logp, attn = self._start(images, max_new, return_attn)
         toks, maps = [], []  # per step: the new tokens (B,) and their maps (B, L, n_vis)
+        ended = torch.zeros(images.size(0), dtype=torch.bool, device=images.device)  # (B,): emitted EOS yet
         for t in range(max_new):
             toks.append(pick(logp))
             maps.append(attn)  # the attention of the position that chose the new token
-            if t == max_new - 1 or (torch.stack(toks, 1) == self.config.eos_id).any(1).all():
+            ended |= toks[-1] == self.config.eos_id  # one comparison a step, not one over every token so far
+            if t == max_new - 1 or ended.all():
                 break  # the last token is never fed back
             logp, attn = self._decode(None, toks[-1][:, None], cache, self.config.n_vis + 1 + t, return_attn)
         return self._trim(torch.stack(toks, 1), torch.stack(maps, 1) if return_attn else None)
