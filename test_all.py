@@ -1649,6 +1649,9 @@ def test_half_res_epochs_train_on_56_pixel_images_then_112(shapes_dir, tmp_path,
     monkeypatch.setattr(train.VLM, "forward", spy)
     train.train(train.get_args(tiny_args(shapes_dir, tmp_path, "--epochs", "2", "--half-res-epochs", "1")))
     assert sizes == [56] * 15 + [112] * 15  # 15 steps an epoch
+    sizes.clear()  # more half-res epochs than the run has: the last epoch still sees full-size images
+    train.train(train.get_args(tiny_args(shapes_dir, tmp_path / "b", "--epochs", "2", "--half-res-epochs", "5")))
+    assert sizes == [56] * 15 + [112] * 15
 
 
 def test_half_size_averages_2x2_blocks():

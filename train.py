@@ -136,7 +136,8 @@ def train(args):
     # A step's inputs live on the device (Flickr8k's uint8 images are 225 MB): a batch is a gather
     tokens, image_of, lengths, images = on_device(train_split, tok, model.config.max_seq, device)
     val = on_device(val_split, tok, model.config.max_seq, device)
-    small = data.half_size(images) if args.half_res_epochs else None  # made once, not at every step
+    half = min(args.half_res_epochs, args.epochs - 1)  # epochs at 56x56 (README): never the last one
+    small = data.half_size(images) if half else None  # made once, not at every step
     steps_per_epoch = len(lengths) // world // args.batch_size
     total = args.epochs * steps_per_epoch  # a run at step == total (stopped in its last step) only finishes
     check_flags(args, [
@@ -162,8 +163,7 @@ def train(args):
             g["lr"] = lr
         if args.dropout:  # its masks: a function of (step, rank), so ranks differ and resume needs no RNG
             torch.manual_seed(args.seed + run.step * world + rank)
-        # --half-res-epochs: 56x56 images, a quarter of the conv work, and still 16 visual tokens
-        pixels = small if epoch < args.half_res_epochs else images
+        pixels = small if epoch < half else images  # 56x56: a quarter of the conv work, still 16 visual tokens
         x, ids, targets = get_batch(order[i], longest[i], tokens, image_of, pixels)
         with autocast():
             _, loss = fast(x, ids, targets)
