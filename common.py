@@ -341,11 +341,15 @@ RUN_FILES = ("ckpt.pt", "best.pt", "loss.png", "model.safetensors", "config.json
              "eval.json")  # what train.py leaves in --out-dir
 
 def load_run(path):
-    """train.py's own ckpt.pt, else a one-line error: a foreign file is never half read."""
+    """train.py's own ckpt.pt (its tokenizer as a Tokenizer), else a one-line error: never half read."""
     state = load_torch(path)
     keys = ("model", "config", "tokenizer", "step", "settings", "optimizer", "scaler", "history")
     if not isinstance(state, dict) or not all(k in state for k in keys):
         raise UserError(f"{path}: not a checkpoint of train.py (it holds {', '.join(keys)})")
+    try:
+        state["tokenizer"] = Tokenizer.from_json(state["tokenizer"], path)  # its tokenizer.json text, parsed
+    except ValueError as e:
+        raise UserError(str(e)) from None
     return state
 
 def check_out_dir(args, log):

@@ -1801,6 +1801,18 @@ def test_a_foreign_ckpt_pt_in_out_dir_is_one_line(tmp_path, capsys):
     assert code == 2 and "ckpt.pt: not a checkpoint of train.py" in err
 
 
+def test_resuming_a_ckpt_pt_that_does_not_fit_is_one_line(uninterrupted, shapes_dir, tmp_path, capsys):
+    state = torch.load(uninterrupted[0] / "ckpt.pt", weights_only=True)
+    emb = state["model"]["tok_emb.weight"]
+    for name, edit, says in (("tok", {"tokenizer": '{"model": 5}'}, "not a tokenizer.json"),
+                             ("w", {"model": state["model"] | {"tok_emb.weight": emb[:10]}}, "does not fit")):
+        (tmp_path / name).mkdir()
+        torch.save(state | edit, tmp_path / name / "ckpt.pt")
+        code, err = one_line_exit(capsys, train.main, tiny_args(shapes_dir, tmp_path / name, "--resume"))
+        assert code == 2 and err.startswith(f"error: {tmp_path / name / 'ckpt.pt'}: {says}"), err
+        assert err.count("\n") == 1 and ("tok_emb.weight" in err) == (name == "w"), err  # names the mismatch
+
+
 def test_sample_flags_that_only_the_model_can_check(saved, tmp_path, capsys):
     root, model, _ = saved
     img = tmp_path / "x.png"

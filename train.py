@@ -119,15 +119,19 @@ def train(args):
     torch.manual_seed(args.seed)
     train_split, val_split = prepare_data(args, rank, world, log)
     texts = [c for caps in train_split.captions for c in caps]  # the tokenizer learns from these alone
-    tok = Tokenizer.from_json(state["tokenizer"], ckpt) if state else Tokenizer.train(texts, args.vocab_size)
+    tok = state["tokenizer"] if state else Tokenizer.train(texts, args.vocab_size)
     model = VLM(Config(vocab_size=tok.vocab_size, n_vis=args.n_vis, dropout=args.dropout, pad_id=tok.pad_id,
                        bos_id=tok.bos_id, eos_id=tok.eos_id)).to(device)
     log(f"tokenizer {tok.vocab_size} ids, model {model.num_params():,} parameters, {args.n_vis} visual tokens")
     run = Run(args, model, tok, make_optimizer(model, args),
               torch.amp.GradScaler(device.split(":")[0], enabled=dtype == torch.float16), world=world)
     if state:  # --resume: the run as save_state left it
-        for part, key in ((model, "model"), (run.opt, "optimizer"), (run.scaler, "scaler")):
-            part.load_state_dict(state[key])
+        try:
+            for part, key in ((model, "model"), (run.opt, "optimizer"), (run.scaler, "scaler")):
+                part.load_state_dict(state[key])
+        except (RuntimeError, ValueError, KeyError) as e:  # saved by other code, or edited by hand
+            why = str(e).strip().splitlines()[-1].strip()  # torch's message runs on for lines: its last
+            raise UserError(f"{ckpt}: does not fit this model ({why})") from None
         run.step, run.history = state["step"], state["history"]
     fast = torch.compile(model) if args.compile else model
     if world > 1:
