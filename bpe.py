@@ -246,9 +246,13 @@ class Tokenizer:
 
     def save(self, path):
         tmp = path + ".tmp"  # write then rename, so a crash never leaves half a file
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(self.to_json())
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(self.to_json())
+            os.replace(tmp, path)
+        finally:  # a failed write or rename (path is a folder, the disk is full) leaves no tmp behind
+            if os.path.exists(tmp):
+                os.remove(tmp)
 
     @classmethod
     def load(cls, path):
@@ -275,10 +279,14 @@ def form_of(d, check):
           f"decoder {dec!r} is not supported with pre_tokenizer {pre!r}")
     suffix, dec_suffix = m.get("end_of_word_suffix") or "", (parts["decoder"] or {}).get("suffix", "</w>")
     check(isinstance(suffix, str) and isinstance(dec_suffix, str), "an end-of-word suffix is not a string")
-    whole = byte_level and not parts["pre_tokenizer"].get("use_regex", True)
+    switches = {"add_prefix_space": parts["pre_tokenizer"].get("add_prefix_space"), "fuse_unk": m.get("fuse_unk"),
+                "use_regex": parts["pre_tokenizer"].get("use_regex", True)}
+    for key, value in switches.items():  # JSON true or false; the string "false" would read as true
+        check(value in (None, True, False), f"{key} {value!r} is not true or false")
+    whole = byte_level and not switches["use_regex"]
     return Form(split=(lambda text: [text] if text else []) if whole else splits[pre], byte_level=byte_level,
-                prefix_space=bool(parts["pre_tokenizer"].get("add_prefix_space")), suffix=suffix,
-                fuse_unk=bool(m.get("fuse_unk")), decoder_suffix=dec_suffix if dec == "BPEDecoder" else None)
+                prefix_space=bool(switches["add_prefix_space"]), suffix=suffix,
+                fuse_unk=bool(switches["fuse_unk"]), decoder_suffix=dec_suffix if dec == "BPEDecoder" else None)
 
 # -----------------------------------------------------------------------------
 def read_text(path):

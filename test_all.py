@@ -156,6 +156,10 @@ def test_save_load_gives_identical_ids(tok, tmp_path):
     assert loaded.vocab_size == tok.vocab_size and loaded.merges == tok.merges
     assert (loaded.pad_id, loaded.bos_id, loaded.eos_id) == (0, 1, 2)
     assert loaded.to_json() == tok.to_json()
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(OSError):  # a save that fails (here: a folder in the way) leaves no temporary file
+        tok.save(str(tmp_path / "folder"))
+    assert sorted(os.listdir(tmp_path)) == ["folder", "tokenizer.json"]
     # without added tokens, <pad>, <bos>, <eos> are plain tokens: same ids, but decode keeps them
     plain = Tokenizer.from_json(_edit(tok.to_json(), lambda d: d.update(added_tokens=[])))
     assert (plain.pad_id, plain.bos_id, plain.eos_id) == (0, 1, 2) and plain.decode([1, 3 + ord("b")]) == "<bos>b"
@@ -186,6 +190,8 @@ def test_bad_tokenizer_files_raise_clear_errors(tok, tmp_path):
         "merges a number": (_edit(good, lambda d: d["model"].update(merges=7)), "model.merges, added_tokens"),
         "suffix a number": (_edit(quick_tour, lambda d: d.update({dec: {"type": "BPEDecoder", "suffix": 5}})),
                             "suffix is not a string"),
+        "switch a string": (_edit(good, lambda d: d[pre].update(add_prefix_space="false")),
+                            "add_prefix_space 'false' is not true or false"),
         # the parts of other tokenizer.json files we do not read
         "wordpiece": (_edit(good, lambda d: d["model"].update(type="WordPiece")), "model type 'WordPiece'"),
         "unigram": (_edit(good, lambda d: d["model"].update(type="Unigram")), "model type 'Unigram'"),
