@@ -37,13 +37,18 @@ def ngrams(words, n=4):
     """Counts of all 1..n-grams. ngrams("a a b".split(), 2) -> {(a,):2, (b,):1, (a,a):1, (a,b):1}"""
     return Counter(tuple(words[i:i + k]) for k in range(1, n + 1) for i in range(len(words) - k + 1))
 
+def check_pairs(metric, references, hypotheses):
+    """Both metrics need, for each of at least one image, one hypothesis and at least one reference."""
+    if len(references) != len(hypotheses) or not references or not all(references):
+        raise ValueError(f"{metric}: {len(references)} reference lists (each must hold one or more) for "
+                         f"{len(hypotheses)} hypotheses")
+
 def bleu(references, hypotheses):
     """Corpus BLEU-1..4 as pycocoevalcap's BleuScorer with option "closest"; a list of references and one
     hypothesis per image. Matches are clipped at the largest count in any one reference; the brevity penalty
     compares summed lengths, per image the reference length closest to the hypothesis's (ties: the shorter).
     coco's smoothing (tiny on matches, small on guesses): no 4-gram at all scores (1e-6)**(1/4), not 0."""
-    if len(references) != len(hypotheses):
-        raise ValueError(f"bleu: {len(references)} reference lists for {len(hypotheses)} hypotheses")
+    check_pairs("bleu", references, hypotheses)
     tiny, small = 1e-15, 1e-9
     correct, guess, ref_len = [0] * 4, [0] * 4, 0
     for refs, hyp in zip(references, hypotheses):
@@ -64,8 +69,7 @@ def cider(references, hypotheses, n=4, sigma=6.0):
     """CIDEr-D exactly as pycocoevalcap's CiderScorer: the mean over images of 10 * mean over n=1..4 of mean
     over refs of clipped-cosine(tf-idf hyp, tf-idf ref) * length penalty. df: how many evaluated images have
     the n-gram in a reference; idf = log(n_images) - log(max(1, df)), so one image alone scores 0."""
-    if len(references) != len(hypotheses):
-        raise ValueError(f"cider: {len(references)} reference lists for {len(hypotheses)} hypotheses")
+    check_pairs("cider", references, hypotheses)
     ref_counts = [[ngrams(r.split(), n) for r in refs] for refs in references]
     df = Counter(g for counts in ref_counts for g in set().union(*counts))
     log_images = math.log(len(references))

@@ -1329,6 +1329,13 @@ def test_cider_single_image_is_zero():
     assert scores.cider([["a red circle"]], ["a red circle"]) == 0.0  # idf = log(1) - log(1) = 0
 
 
+@pytest.mark.parametrize("metric", [scores.bleu, scores.cider])
+def test_metrics_refuse_unpaired_or_empty_references(metric):
+    for refs, hyps in (([["a dog"]], ["a dog", "a cat"]), ([[], ["a cat"]], ["a dog", "a cat"]), ([], [])):
+        with pytest.raises(ValueError, match="reference lists .each must hold one or more"):
+            metric(refs, hyps)
+
+
 def test_cider_hand_worked_clipping_length_and_unseen_ngrams():
     refs = [["a dog runs", "a dog"], ["a cat"], ["the bird"]]
     hyps = ["a dog dog", "a cat", "a bird"]
