@@ -128,9 +128,7 @@ def train_fast(texts, vocab_size):
             if d:
                 stats[p] += d
                 heapq.heappush(heap, (-stats[p], p))
-    if len(vocab) + 3 < vocab_size:
-        print(f"bpe: stopped early at {len(vocab) + 3} tokens: no pair occurs twice any more")
-    return vocab, merges
+    return vocab, merges  # fewer than vocab_size tokens when no pair occurs twice any more
 
 def tokenizer_json(vocab, merges):
     """A trained tokenizer's tokenizer.json: <pad>, <bos>, <eos> = 0, 1, 2 and GPT-2's ByteLevel BPE."""
@@ -279,8 +277,9 @@ def form_of(d, check):
           f"decoder {dec!r} is not supported with pre_tokenizer {pre!r}")
     suffix, dec_suffix = m.get("end_of_word_suffix") or "", (parts["decoder"] or {}).get("suffix", "</w>")
     check(isinstance(suffix, str) and isinstance(dec_suffix, str), "an end-of-word suffix is not a string")
-    switches = {"add_prefix_space": parts["pre_tokenizer"].get("add_prefix_space"), "fuse_unk": m.get("fuse_unk"),
-                "use_regex": parts["pre_tokenizer"].get("use_regex", True)}
+    opts = parts["pre_tokenizer"]  # a JSON object: pre is a string
+    switches = {"add_prefix_space": opts.get("add_prefix_space"), "use_regex": opts.get("use_regex", True),
+                "fuse_unk": m.get("fuse_unk")}
     for key, value in switches.items():  # JSON true or false; the string "false" would read as true
         check(value in (None, True, False), f"{key} {value!r} is not true or false")
     whole = byte_level and not switches["use_regex"]
@@ -317,8 +316,9 @@ def main():
             tok.save(args.out)
             t1 = time.perf_counter()
             n_tokens = sum(len(tok.encode(line)) for line in lines)
+            early = " (stopped early: no pair occurs twice)" if tok.vocab_size < args.vocab_size else ""
             print(f"trained on {len(lines)} lines in {t1 - t0:.2f} s: {len(tok.merges)} merges, vocab "
-                  f"{tok.vocab_size} -> {args.out}\nencoded them in {time.perf_counter() - t1:.2f} s: "
+                  f"{tok.vocab_size}{early} -> {args.out}\nencoded them in {time.perf_counter() - t1:.2f} s: "
                   f"{n_tokens / max(1, len(lines)):.2f} tokens per line")
         else:
             tok = Tokenizer.load(args.tokenizer)

@@ -122,7 +122,9 @@ def train(args):
     tok = state["tokenizer"] if state else Tokenizer.train(texts, args.vocab_size)
     model = VLM(Config(vocab_size=tok.vocab_size, n_vis=args.n_vis, dropout=args.dropout, pad_id=tok.pad_id,
                        bos_id=tok.bos_id, eos_id=tok.eos_id)).to(device)
-    log(f"tokenizer {tok.vocab_size} ids, model {model.num_params():,} parameters, {args.n_vis} visual tokens")
+    early = " (BPE stopped early: no pair occurs twice any more)" if tok.vocab_size < args.vocab_size else ""
+    log(f"tokenizer {tok.vocab_size} ids{early}, model {model.num_params():,} parameters, "
+        f"{args.n_vis} visual tokens")
     run = Run(args, model, tok, make_optimizer(model, args),
               torch.amp.GradScaler(device.split(":")[0], enabled=dtype == torch.float16), world=world)
     if state:  # --resume: the run as save_state left it
