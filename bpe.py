@@ -23,7 +23,7 @@ import sys
 import time
 from collections import Counter, defaultdict, namedtuple
 
-# -----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------- words
 # Splitting text into words, first: a merge never crosses a word boundary, so " dog" can become one token
 # but "dog." cannot. GPT-2's pattern (the one `tokenizers` ByteLevel uses) is
 #   's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+
@@ -51,7 +51,7 @@ def merge(ids, pair, new_id):
             out.append(i)
     return out
 
-# -----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------- training: plainly, then fast
 def start_training(texts, vocab_size):
     """Byte b as token 3 + b, each token kept as the string tokenizer.json writes (b" dog" is "Ġdog");
     and each distinct word once, as byte ids, with its count."""
@@ -143,7 +143,7 @@ def tokenizer_json(vocab, merges):
                        "normalizer": None, "pre_tokenizer": byte_level, "post_processor": None,
                        "decoder": byte_level, "model": model}, ensure_ascii=False, indent=1)
 
-# -----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------- the Tokenizer
 # how a tokenizer.json splits text into words and joins pieces back into text: form_of (below) reads it
 Form = namedtuple("Form", "split byte_level prefix_space suffix fuse_unk decoder_suffix")
 
@@ -287,7 +287,7 @@ def form_of(d, check):
                 prefix_space=bool(switches["add_prefix_space"]), suffix=suffix,
                 fuse_unk=bool(switches["fuse_unk"]), decoder_suffix=dec_suffix if dec == "BPEDecoder" else None)
 
-# -----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------- the command line
 def read_text(path):
     """The UTF-8 text of a file, or a ValueError naming the file."""
     try:

@@ -334,7 +334,7 @@ def main(argv=None):
         if dist.is_initialized():
             dist.destroy_process_group()
 
-# ----------------------------------------------------------------------------- Ctrl-C, every rank
+# ----------------------------------------------------------------------------- every process: Ctrl-C, the data
 STOP = []  # request_stop appends True: the loop stops at the next step boundary, where the state is whole
 
 def request_stop(signum, frame):
