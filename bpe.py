@@ -309,6 +309,8 @@ def main():
     if bool(args.train) == bool(args.tokenizer and args.encode is not None):
         parser.error("give either --train FILE or --tokenizer FILE --encode TEXT")
     try:
+        if args.train and args.vocab_size < 3 + 256:
+            raise ValueError(f"--vocab-size {args.vocab_size}: must be at least 259 (3 specials + 256 bytes)")
         if args.train:
             lines = read_text(args.train).splitlines()
             t0 = time.perf_counter()
@@ -325,8 +327,9 @@ def main():
             ids = tok.encode(args.encode)
             print("ids:   ", ids)
             print("pieces:", [tok.decode([i]) for i in ids])
-    except (ValueError, OSError) as e:  # OSError: --out cannot be written
-        print(f"error: {e}", file=sys.stderr)
+    except (ValueError, OSError) as e:  # OSError: save() could not write --out (named, not its .tmp)
+        why = f"{args.out}: {e.strerror or e}" if isinstance(e, OSError) else e
+        print(f"error: {why}", file=sys.stderr)
         sys.exit(2)
 
 if __name__ == "__main__":

@@ -173,20 +173,22 @@ def download(url, dest, advice, retries=4, backoff=1.0, timeout=(10, 60)):
         if attempt:
             time.sleep(backoff * 2 ** (attempt - 1))  # give a flaky link time to recover
         have = os.path.getsize(part) if os.path.exists(part) else 0
+        # identity: the file's own bytes, so that Content-Length counts what we write (no gzip in between)
+        headers = {"Accept-Encoding": "identity"} | ({"Range": f"bytes={have}-"} if have else {})
         try:
-            with requests.get(url, headers={"Range": f"bytes={have}-"} if have else {}, stream=True,
-                              timeout=timeout) as r:
+            with requests.get(url, headers=headers, stream=True, timeout=timeout) as r:
                 if 400 <= r.status_code < 500 and r.status_code != 416:  # a wrong URL: retrying will not help
                     raise UserError(f"{url}: HTTP {r.status_code} {r.reason}; {advice}")
-                starts_at_have = r.headers.get("Content-Range", "").startswith(f"bytes {have}-")
-                resumed = r.status_code == 206 and starts_at_have
+                span = re.match(rf"bytes {have}-\d+/(\d+|\*)", r.headers.get("Content-Range", ""))
+                resumed = r.status_code == 206 and span is not None  # the rest, or a piece of it, from have
                 if r.status_code in (206, 416) and not resumed:  # our .part is no prefix the server knows
                     os.remove(part)
                 if r.status_code != 200 and not resumed:  # a 5xx, or the bad range above: try again
                     why = f"HTTP {r.status_code}"
                     continue
                 length = r.headers.get("Content-Length", "")  # a 200 sends the whole file, from byte 0
-                total = (have if resumed else 0) + int(length) if length.isdigit() else None
+                size = span[1] if resumed else length  # the whole file's size, if the server says it
+                total = int(size) if size.isdigit() else None
                 of = f" of {total / 1e6:.1f}" if total else ""
                 with open(part, "ab" if resumed else "wb") as f:
                     for chunk in r.iter_content(1 << 16):
@@ -220,8 +222,10 @@ def extract_zip(path, dest_dir):
                     zf.extract(info, tmp)  # reading checks each entry's CRC
         for entry in os.listdir(tmp):
             target = os.path.join(dest_dir, entry)
-            if os.path.isdir(target):
+            if os.path.isdir(target) and not os.path.islink(target):
                 shutil.rmtree(target)
+            elif os.path.lexists(target):  # a file, or a link (to an empty or missing folder): only it goes
+                os.remove(target)
             os.replace(os.path.join(tmp, entry), target)
     except (zipfile.BadZipFile, zlib.error, EOFError) as e:
         os.remove(path)

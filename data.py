@@ -229,7 +229,7 @@ def parse_tokens(path):
     """Flickr8k.token.txt -> ({image name: [cleaned captions]}, number of malformed lines); a space may
     stand for the TAB. 'x.jpg#0<TAB>A child in a pink dress .' -> {'x.jpg': ['a child in a pink dress']}"""
     captions, malformed = {}, 0
-    with open(path, encoding="utf-8", errors="replace") as f:
+    with open(path, encoding="utf-8-sig", errors="replace") as f:  # -sig: a BOM is no name
         for line in f:
             m = re.match(r"^(\S+)#\d+\s+(.*\S)", line)
             caption = clean_caption(m[2]) if m else ""
@@ -293,7 +293,7 @@ def prepare_flickr8k(data_dir, prep_dir, size=112, base_url=DEFAULT_BASE_URL, lo
     image_dir = _find_image_dir(data_dir)
     log(f"{TOKEN_FILE}: {len(captions)} images, {malformed} malformed lines skipped; images from {image_dir}")
     for split, list_path in zip(SPLITS, lists):
-        with open(list_path, encoding="utf-8", errors="replace") as f:
+        with open(list_path, encoding="utf-8-sig", errors="replace") as f:
             listed = list(dict.fromkeys(f.read().split()))  # unique names, in order
         present = [n for n in listed if n in captions and os.path.isfile(os.path.join(image_dir, n))]
         images, ok, errors = decode_images([os.path.join(image_dir, n) for n in present], size, label=split)
@@ -363,7 +363,7 @@ def main(argv=None):
     p.add_argument("--size", type=int, default=112, help="image side in pixels")
     args = p.parse_args(argv)
     check_flags(args, [("--size", 8 <= args.size <= 1024, "8..1024 pixels"),
-                       ("--base-url", re.match(r"https?://", args.base_url), "an http:// or https:// URL")])
+                       ("--base-url", re.match(r"https?://[^/]", args.base_url), "an http(s):// URL with a host")])
     prepare(args.data, args.data_dir, args.size, args.base_url, print, args.prep_dir)
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ Real parts only: real files, a real HTTP server on 127.0.0.1 for the downloads, 
 
     python -m pytest -q test_all.py            # about a minute on a 2-core CPU
 """
+import gzip
 import io
 import json
 import math
@@ -577,13 +578,18 @@ def test_cli_trains_and_encodes(tmp_path):
     assert str(Tokenizer.load(str(out)).encode("a dog runs")) in r.stdout and "' dog'" in r.stdout
 
 
-def test_cli_missing_file_exits_2_with_one_line(tmp_path):
-    for args in (["--train", str(tmp_path / "missing.txt")],
-                 ["--tokenizer", str(tmp_path / "missing.json"), "--encode", "a dog"]):
+def test_cli_bad_files_and_flags_exit_2_with_one_line(tmp_path):
+    corpus = tmp_path / "captions.txt"
+    corpus.write_text("a dog\n")
+    for args, says in ((["--train", str(tmp_path / "missing.txt")], "missing.txt"),
+                       (["--tokenizer", str(tmp_path / "missing.json"), "--encode", "a dog"], "missing.json"),
+                       (["--train", str(corpus), "--vocab-size", "258"], "--vocab-size 258: must be at least 259"),
+                       (["--train", str(corpus), "--out", str(tmp_path)], f"{tmp_path}: Is a directory")):
         r = run_cli(*args)
         assert r.returncode == 2 and r.stdout == ""
         lines = r.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("error: ") and "missing." in lines[0], r.stderr
+        assert len(lines) == 1 and lines[0].startswith("error: ") and says in lines[0], r.stderr
+        assert ".tmp" not in r.stderr
 
 
 # ==================================================================================================
@@ -907,7 +913,8 @@ def test_safetensors_reader_refuses(tmp_path, header, payload, length, why):
 
 def serve(files, mode="range"):
     """Serves {name: bytes}. mode: 'range' (honours Range), 'ignore_range' (always 200, whole file),
-    'drop' (the first answer for each file stops halfway and closes the connection)."""
+    'drop' (the first answer for each file stops halfway and closes the connection), 'pieces' (as 'drop',
+    then each 206 sends only a third of the file), 'gzip' (gzips the body when the client accepts it)."""
     requests_seen, dropped = [], set()
 
     class Handler(BaseHTTPRequestHandler):
@@ -917,21 +924,27 @@ def serve(files, mode="range"):
             if name not in files:
                 self.send_error(404)
                 return
-            body, start = files[name], 0
-            if rng and mode != "ignore_range":
+            body, start, end = files[name], 0, len(files[name])
+            if mode == "gzip" and "gzip" in self.headers.get("Accept-Encoding", ""):
+                body = gzip.compress(body)  # requests asks for it by default, and unzips what it reads
+                end = len(body)
+                self.send_response(200)
+                self.send_header("Content-Encoding", "gzip")
+            elif rng and mode != "ignore_range":
                 start = int(re.match(r"bytes=(\d+)-", rng)[1])
+                end = min(end, start + end // 3 + 1) if mode == "pieces" else end
                 self.send_response(206)
-                self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+                self.send_header("Content-Range", f"bytes {start}-{end - 1}/{len(body)}")
             else:
                 self.send_response(200)
-            self.send_header("Content-Length", str(len(body) - start))
+            self.send_header("Content-Length", str(end - start))
             self.end_headers()
-            if mode == "drop" and name not in dropped:
+            if mode in ("drop", "pieces") and name not in dropped:
                 dropped.add(name)
-                self.wfile.write(body[start:start + (len(body) - start) // 2])
+                self.wfile.write(body[start:start + (end - start) // 2])
                 self.close_connection = True  # the client sees a short body
                 return
-            self.wfile.write(body[start:])
+            self.wfile.write(body[start:end])
 
         def log_message(self, *args):
             pass
@@ -985,7 +998,7 @@ def make_zips():
     with zipfile.ZipFile(text, "w") as zf:
         zf.writestr("Flickr8k.token.txt", TOKENS)
         for list_name, names in zip(data.SPLIT_LISTS.values(), (TRAIN, VAL, TEST)):
-            zf.writestr(list_name, "\n".join(names) + "\n")
+            zf.writestr(list_name, "\ufeff" + "\n".join(names) + "\n")  # a BOM, as Windows Notepad saves
         zf.writestr("__MACOSX/._Flickr8k.token.txt", b"junk")
     return {"Flickr8k_Dataset.zip": dataset.getvalue(), "Flickr8k_text.zip": text.getvalue()}
 
@@ -1055,6 +1068,17 @@ def test_download_resumes_after_a_dropped_connection(tmp_path, server_factory):
     assert 0 < resumed_at <= len(body) // 2
 
 
+def test_download_takes_pieces_of_the_rest_until_whole_and_never_gzip(tmp_path, server_factory):
+    body = os.urandom(300_000)
+    _, url, seen = server_factory({"big.zip": body}, mode="pieces")
+    dest = str(tmp_path / "big.zip")
+    data.download(url + "big.zip", dest, data.ADVICE, backoff=0.01)  # 206s of a third, not the whole rest
+    assert open(dest, "rb").read() == body and len(seen) == 3
+    _, url, _ = server_factory({"big.zip": body}, mode="gzip")  # Content-Length counts the gzipped bytes
+    data.download(url + "big.zip", dest, data.ADVICE, backoff=0.01)
+    assert open(dest, "rb").read() == body
+
+
 def test_download_restarts_when_the_server_ignores_range(tmp_path, server_factory):
     body = os.urandom(100_000)
     _, url, seen = server_factory({"big.zip": body}, mode="ignore_range")
@@ -1102,6 +1126,24 @@ def test_corrupt_archive_is_named_and_removed(tmp_path, server_factory):
     assert (d / "enc.zip").exists()  # downloading it again would not help: it stays
 
 
+def test_extracting_replaces_a_folder_a_file_or_a_link_in_the_way_and_not_what_a_link_names(tmp_path):
+    d, elsewhere = tmp_path / "d", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "keep.txt").write_text("keep")
+    d.mkdir()
+    (d / "imgs").symlink_to(elsewhere)
+    (d / "notes").mkdir()
+    (d / "notes" / "old.txt").write_text("old")
+    (d / "dangling").symlink_to(tmp_path / "missing")
+    with zipfile.ZipFile(d / "a.zip", "w") as zf:
+        for name in ("imgs/x.jpg", "notes/new.txt", "dangling/y.jpg"):
+            zf.writestr(name, "new")
+    data.extract_zip(str(d / "a.zip"), str(d))
+    assert os.listdir(d / "imgs") == ["x.jpg"] and os.listdir(d / "notes") == ["new.txt"]
+    assert not (d / "imgs").is_symlink() and (d / "dangling" / "y.jpg").read_text() == "new"
+    assert os.listdir(elsewhere) == ["keep.txt"]
+
+
 @pytest.mark.parametrize("evil", ["../evil.txt", "ok/../../evil.txt", "/abs_evil.txt"])
 def test_unsafe_archive_is_refused_whole(tmp_path, evil):
     d = tmp_path / "d"
@@ -1124,10 +1166,11 @@ def test_clean_caption_and_exact_match():
 
 def test_parse_tokens_counts_malformed_lines(tmp_path):
     p = tmp_path / "tok.txt"
-    p.write_text(TOKENS + "\n\nnohash.jpg\tA caption\nx.jpg#0\t .\n")
+    p.write_text("\ufeff" + TOKENS + "\n\nnohash.jpg\tA caption\nx.jpg#0\t .\n")  # a BOM: not part of a name
     caps, malformed = data.parse_tokens(str(p))
     assert malformed == 3  # blank lines are not malformed; a caption that cleans to '' is
     assert caps["t2.jpg"] == ["a cat sits"] and caps["quirk.jpg.1"] == ["the known odd id"]
+    assert caps["t1.jpg"] == ["a dog runs", "the dog is running"]
     assert sum(map(len, caps.values())) == 10
 
 
@@ -1801,7 +1844,8 @@ def test_out_dir_that_is_a_file_and_bad_flags_of_sample_and_data(tmp_path, capsy
                         (["--num-samples", "2"], "--num-samples 2"), (["--length-penalty", "-1"], "--length")):
         code, err = one_line_exit(capsys, sample.main, ["--img", "x.png", "--ckpt", str(tmp_path / "none"), *flags])
         assert code == 2 and err.startswith(f"error: {says}") and err.count("\n") == 1, err
-    for flags, says in ((["--size", "4"], "--size 4"), (["--base-url", "ftp://x"], "--base-url ftp://x")):
+    for flags, says in ((["--size", "4"], "--size 4"), (["--base-url", "ftp://x"], "--base-url ftp://x"),
+                        (["--base-url", "http://"], "--base-url http://: must be an http(s):// URL with a host")):
         code, err = one_line_exit(capsys, data.main, ["--data-dir", str(tmp_path / "d"), *flags])
         assert code == 2 and err.startswith(f"error: {says}") and not (tmp_path / "d").exists(), err
 
