@@ -60,6 +60,11 @@ def atomic_write(path, mode="wb"):
         if os.path.exists(tmp):
             os.remove(tmp)
 
+def printable(text):
+    r"""Control characters and a file name's undecodable bytes as escapes: a line stays one line and cannot
+    drive the terminal (a word-salad caption may hold any byte). printable("a\x1b[2J") -> 'a\\x1b[2J'"""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+
 _progress = {"open": False, "shown": 0.0}
 
 def progress(text, end=False):
@@ -331,7 +336,9 @@ def load_model(path, device="cpu"):
     problems = {"missing weights": [k for k in want if k not in weights],
                 "unknown weights": [k for k in weights if k not in want],
                 "wrong shapes": [f"{k} {tuple(v.shape)} not {tuple(want[k].shape)}"
-                                 for k, v in weights.items() if k in want and v.shape != want[k].shape]}
+                                 for k, v in weights.items() if k in want and v.shape != want[k].shape],
+                "wrong dtypes": [f"{k} {v.dtype}" for k, v in weights.items()  # e.g. int8: quantised weights
+                                 if k in want and v.is_floating_point() != want[k].is_floating_point()]}
     for what, names in problems.items():
         if names:  # one line, whatever is wrong
             raise UserError(f"{where}: {what}: {', '.join(names[:3])}" + (" ..." if len(names) > 3 else ""))

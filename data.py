@@ -66,8 +66,8 @@ def load_split(prep_dir, split, size=112, mmap_mode=None):
         images = np.load(img_path, mmap_mode=mmap_mode, allow_pickle=False)  # (N, S, S, 3)
     except (OSError, ValueError) as e:
         raise UserError(f"{img_path}: not a readable .npy array ({e})") from None
-    if images.dtype != np.uint8 or images.shape[1:] != (size, size, 3):
-        raise UserError(f"{img_path}: {images.dtype} {images.shape}, not uint8 (N, {size}, {size}, 3)")
+    if images.dtype != np.uint8 or images.shape[1:] != (size, size, 3) or len(images) == 0:
+        raise UserError(f"{img_path}: {images.dtype} {images.shape}, not uint8 (N, {size}, {size}, 3), N >= 1")
     try:
         with open(cap_path, encoding="utf-8") as f:
             meta = json.load(f)

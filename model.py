@@ -220,8 +220,9 @@ class VLM(nn.Module):
     def generate_topk(self, images, max_new=48, temperature=0.8, top_k=50, generator=None, return_attn=False):
         """Sample from the top_k most likely tokens, logits divided by temperature."""
         def pick(logp):
-            vals, idx = (logp / temperature).topk(min(top_k, logp.size(-1)), dim=-1)  # (B, k)
-            choice = torch.multinomial(vals.softmax(-1), 1, generator=generator)  # (B, 1)
+            vals, idx = logp.topk(min(top_k, logp.size(-1)), dim=-1)  # (B, k), the best first
+            probs = ((vals - vals[:, :1]) / temperature).softmax(-1)  # from the best: tiny temperatures, no nan
+            choice = torch.multinomial(probs, 1, generator=generator)  # (B, 1)
             return idx.gather(1, choice).squeeze(1)  # (B,)
         return self._sample_loop(images, max_new, pick, return_attn)
 

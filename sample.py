@@ -8,7 +8,8 @@ sample.py: caption your own images with a trained SupraVL-Nano, see where it loo
     python sample.py --eval test --data-dir ../shared/flickr8k --prep-dir data/flickr8k-small
 
 --ckpt (default out/ckpt.pt): a ckpt.pt or a published folder, such as train.py's out/ or SupraVL-Nano-900k
-(common.load_model reads each). Captions and scores: scores.py. Left out: a server batching calls, image URLs.
+(common.load_model reads each). Captions and scores: scores.py. A printed line never holds a control character
+(common.printable escapes them). Left out: a server batching calls, image URLs.
 """
 import argparse
 import json
@@ -23,7 +24,7 @@ from PIL import Image, ImageDraw, ImageFont
 import data
 import scores
 from common import (UserError, add_data_flags, atomic_write, check_flags, cli, flag_value, load_model,
-                    pick_device)
+                    pick_device, printable)
 
 CELL, LABEL, COLUMNS = 128, 18, 6  # panel size in pixels, text strip under it, panels per row
 
@@ -55,8 +56,8 @@ def draw_attention(image_uint8, words_maps, path):
         canvas.paste(panel, (x, y))
         left = x + (CELL - draw.textlength(word, font=font)) / 2  # centred under its panel
         draw.text((left, y + CELL + 3), word, fill="black", font=font)
-    with atomic_write(path) as f:
-        canvas.save(f, format="PNG")
+    with atomic_write(path) as f:  # the format its name asks for (attn.jpg: a JPEG), else PNG
+        canvas.save(f, format=Image.registered_extensions().get(os.path.splitext(path)[1].lower()) or "PNG")
 
 def caption_files(args, model, tok, opts):
     """Print PATH<TAB>caption (num_samples lines) for every readable image, a batch at a time so the first
@@ -75,7 +76,7 @@ def caption_files(args, model, tok, opts):
         samples = [out[0] if args.attn else out]  # the first sample is the one drawn: the same caption
         samples += [scores.caption(model, tok, images, **opts) for _ in range(args.num_samples - 1)]
         for j, (_, path, _) in enumerate(batch):
-            print("\n".join(f"{path}\t{texts[j]}" for texts in samples), flush=True)
+            print("\n".join(f"{printable(path)}\t{printable(texts[j])}" for texts in samples), flush=True)
         stem, ext = os.path.splitext(args.attn or "")
         for j, (i, _, image) in enumerate(batch if args.attn else []):  # attn.png, or attn_1.png... by place
             words = word_attention(tok, out[1][j], out[2][j])
@@ -94,12 +95,16 @@ def run_eval(args, model, tok, opts):
           f"{args.batch_size}: {ms:.1f} ms per caption ({1000 / ms:.1f} captions/s)")
     print("  ".join(f"BLEU-{k} {r[f'bleu{k}']:.4f}" for k in range(1, 5)) + f"  CIDEr-D {r['cider']:.4f}")
     if r["exact_match"] is not None:
-        print(f"exact match {r['exact_match']:.4f}  (one-object images {r['exact_match_one'] or 0:.4f}, "
-              f"two-object images {r['exact_match_two'] or 0:.4f})")
+        one, two = ("none" if r[k] is None else f"{r[k]:.4f}" for k in ("exact_match_one", "exact_match_two"))
+        print(f"exact match {r['exact_match']:.4f}  (one-object images {one}, two-object images {two})")
     if args.json:
         with atomic_write(args.json, "w") as f:
             f.write(json.dumps({k: v for k, v in r.items() if k != "samples"}, indent=1) + "\n")
     return 0
+
+def writable(path):
+    """Whether path can be written, as far as a check before the work can tell: no folder, in a folder."""
+    return not os.path.isdir(path) and os.path.isdir(os.path.dirname(path) or ".")
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="Caption images or score a split with a SupraVL-Nano model.")
@@ -120,13 +125,16 @@ def get_args(argv=None):
     add_data_flags(p, default="flickr8k")
     p.add_argument("--json", help="write the scores here")
     a = p.parse_args(argv)
-    at_least_1 = [(flag, flag_value(a, flag) >= 1, "at least 1")
-                  for flag in ("--beam-width", "--top-k", "--num-samples", "--batch-size")]
-    check_flags(a, at_least_1 + [("--seed", a.seed is None or 0 <= a.seed < 2 ** 32, "0 to 2**32 - 1"),
-                                 ("--temperature", a.temperature > 0, "above 0"),
-                                 ("--length-penalty", a.length_penalty >= 0, "0 or more"),
-                                 ("--num-samples", a.num_samples == 1 or a.strategy == "topk",
-                                  "1 unless --strategy topk (beam and greedy give one caption)")])
+    rules = [(flag, flag_value(a, flag) >= 1, "at least 1")
+             for flag in ("--beam-width", "--top-k", "--num-samples", "--batch-size")]
+    check_flags(a, rules + [
+        ("--seed", a.seed is None or 0 <= a.seed < 2 ** 32, "0 to 2**32 - 1"),
+        ("--temperature", a.temperature > 0, "above 0"),
+        ("--length-penalty", 0 <= a.length_penalty <= 10, "0 to 10"),
+        ("--num-samples", a.num_samples == 1 or a.strategy == "topk", "1 unless --strategy topk (beam and greedy "
+         "give one caption)"),
+        ("--json", not a.json or a.eval and writable(a.json), "a file in an existing folder, with --eval"),
+        ("--attn", not a.attn or a.img and writable(a.attn), "a file in an existing folder, with --img")])
     return a
 
 def main(argv=None):

@@ -1322,6 +1322,9 @@ def test_load_split_errors(tmp_path):
     (tmp_path / "train_images_8.npy").write_bytes(b"junk")
     with pytest.raises(UserError, match="train_images_8.npy: not a readable"):
         data.load_split(str(tmp_path), "train", 8)
+    data.save_split(str(tmp_path), "val", [], np.zeros((0, 8, 8, 3), np.uint8), [], 8)
+    with pytest.raises(UserError, match=r"val_images_8.npy: uint8 \(0, 8, 8, 3\), .* N >= 1"):
+        data.load_split(str(tmp_path), "val", 8)  # an empty split would fail later, blaming something else
 
 
 # ==================================================================================================
@@ -1456,8 +1459,11 @@ def test_load_model_refuses_bad_checkpoints(saved, tmp_path):
     torch.save({"model": state, "config": vars(model.config), "tokenizer": tok.to_json()}, tmp_path / "keys.pt")
     bigger = dict(vars(model.config), d_ff=128)
     torch.save({"model": model.state_dict(), "config": bigger, "tokenizer": tok.to_json()}, tmp_path / "shapes.pt")
+    ints = {k: v.to(torch.int8) if k == "pos_emb.weight" else v for k, v in model.state_dict().items()}
+    torch.save({"model": ints, "config": vars(model.config), "tokenizer": tok.to_json()}, tmp_path / "int8.pt")
     expect = {"truncated.pt": "not a readable", "foreign.pt": "not a zip archive", "other.pt": "not a SupraVL",
-              "keys.pt": "missing weights: ln_f.weight", "shapes.pt": "wrong shapes", "nothing.pt": "no such"}
+              "keys.pt": "missing weights: ln_f.weight", "shapes.pt": "wrong shapes", "nothing.pt": "no such",
+              "int8.pt": "wrong dtypes: pos_emb.weight torch.int8"}
     for name, why in expect.items():
         with pytest.raises(UserError, match=why):
             common.load_model(str(tmp_path / name))
@@ -1600,6 +1606,18 @@ def test_cli_topk_samples_from_ckpt(saved, tmp_path):
     r = run(*args)
     assert r.returncode == 0, r.stderr
     assert [line.split("\t")[0] for line in r.stdout.splitlines()] == [str(tmp_path / "a.png")] * 3
+
+
+def test_cli_prints_a_line_per_caption_whatever_the_file_name_holds(saved, tmp_path):
+    assert common.printable("a\x1b[2J\n\tb é \udce9") == "a\\x1b[2J\\n\\tb é \\udce9"  # ESC, controls, surrogate
+    name = os.fsdecode(b"caf\xe9.png")  # not UTF-8: Python holds the byte as a surrogate
+    Image.new("RGB", (20, 20), "blue").save(tmp_path / name)
+    r = subprocess.run([sys.executable, "sample.py", "--img", tmp_path / name, "--ckpt", saved[0] / "export",
+                        "--strategy", "topk", "--temperature", "1e-39", "--attn", tmp_path / "a.jpg"],
+                       capture_output=True, text=True, cwd=HERE, env=dict(os.environ, PYTHONIOENCODING="utf-8"))
+    assert r.returncode == 0 and r.stdout.count("\n") == 1, r.stderr  # a strict stdout, as en_US.UTF-8 has
+    assert r.stdout.startswith(str(tmp_path / "caf\\udce9.png") + "\t")
+    assert Image.open(tmp_path / "a.jpg").format == "JPEG"  # the format its name asks for
 
 
 def test_cli_bad_checkpoint_is_one_line(saved, tmp_path):
@@ -1841,7 +1859,11 @@ def test_out_dir_that_is_a_file_and_bad_flags_of_sample_and_data(tmp_path, capsy
     assert code == 2 and "--out-dir" in err and "not a file" in err
     for flags, says in ((["--beam-width", "0"], "--beam-width 0"), (["--top-k", "0"], "--top-k 0"),
                         (["--temperature", "0"], "--temperature 0.0"), (["--batch-size", "0"], "--batch-size 0"),
-                        (["--num-samples", "2"], "--num-samples 2"), (["--length-penalty", "-1"], "--length")):
+                        (["--num-samples", "2"], "--num-samples 2"), (["--length-penalty", "-1"], "--length"),
+                        (["--length-penalty", "11"], "--length-penalty 11.0: must be 0 to 10"),
+                        (["--json", "s.json"], "--json s.json: must be a file in an existing folder, with --eval"),
+                        (["--attn", str(tmp_path)], f"--attn {tmp_path}: must be a file in an existing folder"),
+                        (["--attn", str(tmp_path / "no" / "a.png")], "--attn")):
         code, err = one_line_exit(capsys, sample.main, ["--img", "x.png", "--ckpt", str(tmp_path / "none"), *flags])
         assert code == 2 and err.startswith(f"error: {says}") and err.count("\n") == 1, err
     for flags, says in ((["--size", "4"], "--size 4"), (["--base-url", "ftp://x"], "--base-url ftp://x"),
