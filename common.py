@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import sys
+import tempfile
 import time
 import warnings
 import zipfile
@@ -133,7 +134,7 @@ def precision(device, dtype):
         yield
 
 def setup(args):
-    """(device, dtype, rank, world, log), and torchrun's process group; only rank 0 logs."""
+    """(device, rank, world, log), and torchrun's process group; only rank 0 logs."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     log = print if rank == 0 else (lambda *a, **k: None)
     local = int(os.environ.get("LOCAL_RANK", 0))
@@ -147,9 +148,7 @@ def setup(args):
         keep_freed_memory()
     if device.startswith("cuda"):
         torch.backends.cudnn.benchmark = True  # the shapes barely change: let cuDNN time its kernels once
-    dtype, why = pick_dtype(args.dtype, device)
-    log(f"device {device}, {str(dtype)[6:]} ({why}), {world} process{'es' if world > 1 else ''}")
-    return device, dtype, rank, world, log
+    return device, rank, world, log
 
 # ----------------------------------------------------------------------------- flags
 def add_data_flags(parser, default):
@@ -384,11 +383,15 @@ def check_out_dir(args, log):
 
 def start_out_dir(out_dir, overwrite):
     """Once the new run is known to start: --overwrite removes the old one whole, so no folder mixes two."""
+    try:  # a file written and removed: a folder that cannot take checkpoints fails now, not after training
+        os.makedirs(out_dir, exist_ok=True)
+        tempfile.TemporaryFile(dir=out_dir).close()
+    except OSError as e:
+        raise UserError(f"--out-dir {out_dir}: cannot write there ({e.strerror or e})") from None
     if overwrite:
         for name in RUN_FILES:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(os.path.join(out_dir, name))
-    os.makedirs(out_dir, exist_ok=True)
 
 def adopt_settings(args, state, fixed, log):
     """--resume: the checkpoint's settings; a flag given again wins (logged), or must match if in `fixed`."""

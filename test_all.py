@@ -1761,10 +1761,17 @@ def test_run_writes_the_published_layout(uninterrupted):
 
 
 def test_resume_after_max_steps_is_bit_exact(shapes_dir, uninterrupted, tmp_path):
-    train.train(train.get_args(tiny_args(shapes_dir, tmp_path, "--max-steps", "13")))
-    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 13
-    train.train(train.get_args(tiny_args(shapes_dir, tmp_path, "--resume")))
-    assert_same_weights(weights(tmp_path), weights(uninterrupted[0]))
+    out = tmp_path / "run"
+    train.train(train.get_args(tiny_args(shapes_dir, out, "--max-steps", "13")))
+    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 13
+    shutil.copytree(out, tmp_path / "fp16")
+    # no other flag: the run's own settings, its --dtype float32 too (auto would pick bf16 on some CPUs)
+    train.train(train.get_args(["--resume", "--out-dir", str(out), "--device", "cpu"]))
+    assert_same_weights(weights(out), weights(uninterrupted[0]))
+    # --dtype float16 now: its GradScaler starts fresh (the run's, off, saved nothing)
+    train.train(train.get_args(["--resume", "--out-dir", str(tmp_path / "fp16"), "--dtype", "float16",
+                                "--max-steps", "15", "--device", "cpu"]))
+    assert torch.load(tmp_path / "fp16" / "ckpt.pt", weights_only=True)["scaler"]["scale"] > 0
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
@@ -1878,6 +1885,13 @@ def test_a_foreign_ckpt_pt_in_out_dir_is_one_line(tmp_path, capsys):
     assert code == 2 and "already holds a run (ckpt.pt)" in err
     code, err = one_line_exit(capsys, train.main, ["--data", "shapes", "--out-dir", str(tmp_path), "--resume"])
     assert code == 2 and "ckpt.pt: not a checkpoint of train.py" in err
+
+
+def test_an_out_dir_that_cannot_be_written_is_one_line_before_training(shapes_dir, tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    out = tmp_path / "file" / "run"  # a folder inside a file (root writes anywhere else, so no chmod here)
+    code, err = one_line_exit(capsys, train.main, tiny_args(shapes_dir, out))
+    assert code == 2 and err == f"error: --out-dir {out}: cannot write there (Not a directory)\n", err
 
 
 def test_resuming_a_ckpt_pt_that_does_not_fit_is_one_line(uninterrupted, shapes_dir, tmp_path, capsys):

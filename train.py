@@ -33,8 +33,8 @@ import data
 import scores
 from bpe import Tokenizer
 from common import (RUN_FILES, UserError, add_data_flags, adopt_settings, atomic_write, check_flags,
-                    check_out_dir, cli, flag_value, load_run, precision, printable, save_pretrained,
-                    setup, start_out_dir)
+                    check_out_dir, cli, flag_value, load_run, pick_dtype, precision, printable,
+                    save_pretrained, setup, start_out_dir)
 from model import VLM, Config
 
 # Flickr8k: the card's recipe (15 epochs of 30,000 pairs, batch 64, AdamW(0.9, 0.95), wd 0.01, cosine
@@ -107,7 +107,7 @@ class Run:
     history: dict = field(default_factory=lambda: {"train": [], "val": [], "lr": []})
 
 def train(args):
-    device, dtype, rank, world, log = setup(args)
+    device, rank, world, log = setup(args)
     ckpt = f"{args.out_dir}/ckpt.pt"
     state = check_out_dir(args, log) if rank == 0 else load_run(ckpt) if args.resume else None
     if state:
@@ -116,6 +116,8 @@ def train(args):
         if state.get("world", 1) != world:  # the number of processes sets the steps of an epoch
             raise UserError(f"{ckpt}: trained by {state['world']} processes, not {world}: resume it with "
                             f"{resume_command(state['world'], args.out_dir)}")
+    dtype, why = pick_dtype(args.dtype, device)  # after --resume took the run's own --dtype
+    log(f"device {device}, {str(dtype)[6:]} ({why}), {world} process{'es' if world > 1 else ''}")
     torch.manual_seed(args.seed)
     train_split, val_split = prepare_data(args, rank, world, log)
     texts = [c for caps in train_split.captions for c in caps]  # the tokenizer learns from these alone
@@ -127,14 +129,8 @@ def train(args):
         f"{args.n_vis} visual tokens")
     run = Run(args, model, tok, make_optimizer(model, args),
               torch.amp.GradScaler(device.split(":")[0], enabled=dtype == torch.float16), world=world)
-    if state:  # --resume: the run as save_state left it
-        try:
-            for part, key in ((model, "model"), (run.opt, "optimizer"), (run.scaler, "scaler")):
-                part.load_state_dict(state[key])
-        except (RuntimeError, ValueError, KeyError) as e:  # saved by other code, or edited by hand
-            why = str(e).strip().splitlines()[-1].strip()  # torch's message runs on for lines: its last
-            raise UserError(f"{ckpt}: does not fit this model ({why})") from None
-        run.step, run.history = state["step"], state["history"]
+    if state:
+        restore(run, state, ckpt)
     fast = torch.compile(model) if args.compile else model
     if world > 1:
         fast = DDP(fast, device_ids=[int(device.split(":")[1])] if device.startswith("cuda") else None)
@@ -250,6 +246,18 @@ def save_state(run, path, full=True):
         obj.update(optimizer=run.opt.state_dict(), scaler=run.scaler.state_dict(), history=run.history)
     with atomic_write(path) as f:
         torch.save(obj, f)
+
+def restore(run, state, path):
+    """--resume: the run as save_state left it; a ckpt.pt of other code is one line, not a traceback."""
+    try:
+        run.model.load_state_dict(state["model"])
+        run.opt.load_state_dict(state["optimizer"])
+        if state["scaler"]:  # empty when fp16 was off: a scaler newly on (--dtype float16) starts fresh
+            run.scaler.load_state_dict(state["scaler"])
+    except (RuntimeError, ValueError, KeyError) as e:  # saved by other code, or edited by hand
+        last = str(e).strip().splitlines()[-1].strip()  # torch's message runs on for lines
+        raise UserError(f"{path}: does not fit this model ({last})") from None
+    run.step, run.history = state["step"], state["history"]
 
 def plot_losses(path, history, size=(720, 420), box=(64, 40, 656, 376)):
     """Train loss (blue, every log interval) and validation loss (red dots) on a log scale, and the
