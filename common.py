@@ -33,15 +33,14 @@ class UserError(Exception):
 
 def cli(main):
     """Run main(): a UserError, an OSError or a full GPU: one stderr line and exit status 2 (Ctrl-C: 130)."""
-    code = 2
     try:
         return main()
     except KeyboardInterrupt:
         message, code = "interrupted", 130  # 130: the shell's code for Ctrl-C
     except (UserError, OSError, MemoryError) as e:  # MemoryError: e.g. numpy's "Unable to allocate 17.6 GiB"
-        message = str(e) or type(e).__name__
+        message, code = str(e) or type(e).__name__, 2
     except torch.cuda.OutOfMemoryError as e:  # torch's message runs on for lines: keep its first sentence
-        message = f"the GPU ran out of memory ({str(e).split('. ')[0]}); try a smaller --batch-size"
+        message, code = f"the GPU ran out of memory ({str(e).split('. ')[0]}); try a smaller --batch-size", 2
     if _progress["open"]:
         sys.stderr.write("\n")  # a \r status line is showing: the error starts a line of its own
     print("error: " + message.replace("\n", " "), file=sys.stderr)
@@ -60,11 +59,6 @@ def atomic_write(path, mode="wb"):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-
-def printable(text):
-    r"""Control characters and a file name's undecodable bytes as escapes: a line stays one line and cannot
-    drive the terminal (a word-salad caption may hold any byte). printable("a\x1b[2J") -> 'a\\x1b[2J'"""
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
 
 _progress = {"open": False, "shown": 0.0}
 
@@ -155,8 +149,7 @@ def add_data_flags(parser, default):
     """--data, --data-dir, --prep-dir: the same three flags in data.py, train.py and sample.py."""
     parser.add_argument("--data", choices=["flickr8k", "shapes"], default=default)
     parser.add_argument("--data-dir", help="the originals; default: data/<data>")
-    parser.add_argument("--prep-dir", help="where the prepared arrays go; default: --data-dir (set it when "
-                        "--data-dir is read-only, e.g. ../shared/flickr8k)")
+    parser.add_argument("--prep-dir", help="the prepared arrays; default: --data-dir (set it if read-only)")
 
 def flag_value(args, flag):
     """flag_value(args, "--batch-size") is args.batch_size."""
@@ -239,7 +232,7 @@ def extract_zip(path, dest_dir):
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
-# ----------------------------------------------------------------------------- torch checkpoints
+# ----------------------------------------------------------------------------- the published layout
 def load_torch(path):
     """torch.load with weights_only=True (tensors, numbers, strings, never code); a failure is one line."""
     if not os.path.exists(path):
@@ -253,7 +246,6 @@ def load_torch(path):
         first = str(e).split("\n")[0].split(". ")[0][:120]  # torch's messages run on for lines
         raise UserError(f"{path}: not a readable PyTorch checkpoint ({first})") from None
 
-# ----------------------------------------------------------------------------- the published layout
 # config.json: the nine Config fields in upper case (D_MODEL); the token ids also under Hugging Face's names.
 CONFIG_FIELDS = ("d_model", "n_heads", "n_layers", "d_ff", "vis_ch", "n_vis", "vocab_size", "max_seq",
                  "img_size")

@@ -362,8 +362,9 @@ def main(argv=None):
     p.add_argument("--base-url", default=DEFAULT_BASE_URL, help="Flickr8k mirror holding the two zips")
     p.add_argument("--size", type=int, default=112, help="image side in pixels")
     args = p.parse_args(argv)
-    check_flags(args, [("--size", 8 <= args.size <= 1024, "8..1024 pixels"),
-                       ("--base-url", re.match(r"https?://[^/]", args.base_url), "an http(s):// URL with a host")])
+    check_flags(args, [
+        ("--size", 8 <= args.size <= 1024, "8..1024 pixels"),
+        ("--base-url", re.match(r"https?://[^/]", args.base_url), "an http(s):// URL with a host")])
     prepare(args.data, args.data_dir, args.size, args.base_url, print, args.prep_dir)
 
 if __name__ == "__main__":

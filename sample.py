@@ -9,7 +9,7 @@ sample.py: caption your own images with a trained SupraVL-Nano, see where it loo
 
 --ckpt (default out/ckpt.pt): a ckpt.pt or a published folder, such as train.py's out/ or SupraVL-Nano-900k
 (common.load_model reads each). Captions and scores: scores.py. A printed line never holds a control character
-(common.printable escapes them). Left out: a server batching calls, image URLs.
+(scores.printable escapes them). Left out: a server batching calls, image URLs.
 """
 import argparse
 import json
@@ -24,7 +24,7 @@ from PIL import Image, ImageDraw, ImageFont
 import data
 import scores
 from common import (UserError, add_data_flags, atomic_write, check_flags, cli, flag_value, load_model,
-                    pick_device, printable)
+                    pick_device)
 
 CELL, LABEL, COLUMNS = 128, 18, 6  # panel size in pixels, text strip under it, panels per row
 
@@ -76,7 +76,8 @@ def caption_files(args, model, tok, opts):
         samples = [out[0] if args.attn else out]  # the first sample is the one drawn: the same caption
         samples += [scores.caption(model, tok, images, **opts) for _ in range(args.num_samples - 1)]
         for j, (_, path, _) in enumerate(batch):
-            print("\n".join(f"{printable(path)}\t{printable(texts[j])}" for texts in samples), flush=True)
+            lines = [f"{scores.printable(path)}\t{scores.printable(texts[j])}" for texts in samples]
+            print("\n".join(lines), flush=True)
         stem, ext = os.path.splitext(args.attn or "")
         for j, (i, _, image) in enumerate(batch if args.attn else []):  # attn.png, or attn_1.png... by place
             words = word_attention(tok, out[1][j], out[2][j])
@@ -131,8 +132,8 @@ def get_args(argv=None):
         ("--seed", a.seed is None or 0 <= a.seed < 2 ** 32, "0 to 2**32 - 1"),
         ("--temperature", a.temperature > 0, "above 0"),
         ("--length-penalty", 0 <= a.length_penalty <= 10, "0 to 10"),
-        ("--num-samples", a.num_samples == 1 or a.strategy == "topk", "1 unless --strategy topk (beam and greedy "
-         "give one caption)"),
+        ("--num-samples", a.num_samples == 1 or a.strategy == "topk",
+         "1 unless --strategy topk (beam and greedy give one caption)"),
         ("--json", not a.json or a.eval and writable(a.json), "a file in an existing folder, with --eval"),
         ("--attn", not a.attn or a.img and writable(a.attn), "a file in an existing folder, with --img")])
     return a

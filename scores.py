@@ -1,8 +1,8 @@
 """
-scores.py: caption a whole split in batches, then score it as papers do: corpus BLEU-1..4 and CIDEr-D
-exactly as the coco-caption toolkit computes them, and on shapes the strict exact match (the caption word
-for word one of the five). Left out: METEOR, ROUGE-L and SPICE (they need Java), coco's PTB tokenizer
-(data.clean_caption has cleaned every caption already, so we split on whitespace).
+scores.py: caption a whole split in batches (printable() shows a caption safely on one line), then score it
+as papers do: corpus BLEU-1..4 and CIDEr-D exactly as the coco-caption toolkit computes them, and on shapes
+the strict exact match (the caption word for word one of the five). Left out: METEOR, ROUGE-L and SPICE
+(they need Java), coco's PTB tokenizer (data.clean_caption has cleaned every caption: we split on whitespace).
 Tests: python -m pytest -q test_all.py -k "bleu or cider or exact or score"
 """
 import math
@@ -32,6 +32,11 @@ def caption(model, tok, images, strategy="beam", beam_width=3, length_penalty=0.
         attns += [m.cpu() for m in maps]
     texts = [tok.decode(s) for s in ids]
     return (texts, ids, attns) if return_attn else texts
+
+def printable(text):
+    r"""Control characters and a file name's undecodable bytes as escapes: a line stays one line and cannot
+    drive the terminal (a word-salad caption may hold any byte). printable("a\x1b[2J") -> 'a\\x1b[2J'"""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
 
 def ngrams(words, n=4):
     """Counts of all 1..n-grams. ngrams("a a b".split(), 2) -> {(a,):2, (b,):1, (a,a):1, (a,b):1}"""

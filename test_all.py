@@ -1609,7 +1609,7 @@ def test_cli_topk_samples_from_ckpt(saved, tmp_path):
 
 
 def test_cli_prints_a_line_per_caption_whatever_the_file_name_holds(saved, tmp_path):
-    assert common.printable("a\x1b[2J\n\tb é \udce9") == "a\\x1b[2J\\n\\tb é \\udce9"  # ESC, controls, surrogate
+    assert scores.printable("a\x1b[2J\n\tb é \udce9") == "a\\x1b[2J\\n\\tb é \\udce9"  # ESC, controls, surrogate
     name = os.fsdecode(b"caf\xe9.png")  # not UTF-8: Python holds the byte as a surrogate
     Image.new("RGB", (20, 20), "blue").save(tmp_path / name)
     r = subprocess.run([sys.executable, "sample.py", "--img", tmp_path / name, "--ckpt", saved[0] / "export",

@@ -33,7 +33,7 @@ import data
 import scores
 from bpe import Tokenizer
 from common import (RUN_FILES, UserError, add_data_flags, adopt_settings, atomic_write, check_flags,
-                    check_out_dir, cli, flag_value, load_run, pick_dtype, precision, printable,
+                    check_out_dir, cli, flag_value, load_run, pick_dtype, precision,
                     save_pretrained, setup, start_out_dir)
 from model import VLM, Config
 
@@ -224,7 +224,7 @@ def validate(run, val, names, autocast, log, batches=20, batch_size=64):
     loss = check_finite(torch.stack(losses).mean().item(), run)
     log(f"step {run.step}: val loss {loss:.4f}")
     for name, ids in zip(names, seqs):
-        log(f"   {name}: {printable(run.tok.decode(ids))}")
+        log(f"   {name}: {scores.printable(run.tok.decode(ids))}")
     if loss < min([v for _, v in run.history["val"]], default=math.inf):
         save_state(run, f"{run.args.out_dir}/best.pt", full=False)
     run.history["val"].append((run.step, loss))
