@@ -1,10 +1,10 @@
 """
-bench.py: every speed figure the project claims, each beside a baseline measured in the same run.
+bench.py: the project's speed figures (README "Measured"), each beside a baseline measured in the same run.
 
 Left out: GPU figures (train.py prints img/s wherever it runs). Figures that need ../shared/flickr8k
 are skipped when it is absent.
 
-    python bench.py            # about 25 s on the 2-core development machine
+    python bench.py            # about 23 s on the 2-core development machine
     python bench.py --quick    # fewer repeats and smaller sizes: 11 s
 """
 import argparse

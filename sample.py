@@ -5,7 +5,7 @@ sample.py: caption your own images with a trained SupraVL-Nano, see where it loo
     python sample.py --img photo.jpg --strategy topk --num-samples 3 --seed 0
     python sample.py --img photo.jpg --attn attn.png        # the attention picture
     python sample.py --eval test --data shapes --json test.json
-    python sample.py --eval test --data-dir ../shared/flickr8k --prep-dir data/flickr8k-small
+    python sample.py --eval test --ckpt out-small --data-dir ../shared/flickr8k --prep-dir data/flickr8k-small
 
 --ckpt (default out/ckpt.pt): a ckpt.pt or a published folder, such as train.py's out/ or SupraVL-Nano-900k
 (common.load_model reads each). Captions and scores: scores.py. A printed line never holds a control character
@@ -122,9 +122,9 @@ def get_args(argv=None):
     p.add_argument("--seed", type=int, help="makes top-k repeatable")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--attn", help="write the attention picture here (attn_1.png... for several images)")
+    p.add_argument("--attn", help="with --img: the attention picture (attn_1.png... for several images)")
     add_data_flags(p, default="flickr8k")
-    p.add_argument("--json", help="write the scores here")
+    p.add_argument("--json", help="with --eval: the scores as JSON")
     a = p.parse_args(argv)
     rules = [(flag, flag_value(a, flag) >= 1, "at least 1")
              for flag in ("--beam-width", "--top-k", "--num-samples", "--batch-size")]

@@ -33,11 +33,6 @@ def caption(model, tok, images, strategy="beam", beam_width=3, length_penalty=0.
     texts = [tok.decode(s) for s in ids]
     return (texts, ids, attns) if return_attn else texts
 
-def printable(text):
-    r"""Control characters and a file name's undecodable bytes as escapes: a line stays one line and cannot
-    drive the terminal (a word-salad caption may hold any byte). printable("a\x1b[2J") -> 'a\\x1b[2J'"""
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
-
 def ngrams(words, n=4):
     """Counts of all 1..n-grams. ngrams("a a b".split(), 2) -> {(a,):2, (b,):1, (a,a):1, (a,b):1}"""
     return Counter(tuple(words[i:i + k]) for k in range(1, n + 1) for i in range(len(words) - k + 1))
@@ -52,7 +47,8 @@ def bleu(references, hypotheses):
     """Corpus BLEU-1..4 as pycocoevalcap's BleuScorer with option "closest"; a list of references and one
     hypothesis per image. Matches are clipped at the largest count in any one reference; the brevity penalty
     compares summed lengths, per image the reference length closest to the hypothesis's (ties: the shorter).
-    coco's smoothing (tiny on matches, small on guesses): no 4-gram at all scores (1e-6)**(1/4), not 0."""
+    coco's smoothing (tiny on matches, small on guesses): hypotheses with no 4-gram at all put a factor
+    (1e-6)**(1/4) ~ 0.03 into BLEU-4, not 0: bleu([["a b c d"]], ["a b c"])[3] -> 0.0227."""
     check_pairs("bleu", references, hypotheses)
     tiny, small = 1e-15, 1e-9
     correct, guess, ref_len = [0] * 4, [0] * 4, 0
@@ -125,3 +121,8 @@ def score_split(model, tok, split, data_name, split_name="val", **generate):
     result["samples"] = [{"name": n, "caption": h, "references": r}
                          for n, h, r in zip(split.names[:8], hyps, split.captions)]
     return result
+
+def printable(text):
+    r"""Control characters and a file name's undecodable bytes as escapes: a line stays one line and cannot
+    drive the terminal (a word-salad caption may hold any byte). printable("a\x1b[2J") -> 'a\\x1b[2J'"""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
