@@ -49,10 +49,18 @@ class Config:
             (self.vis_ch % 4, f"vis_ch {self.vis_ch} is not a multiple of 4"),
             (not 8 <= self.img_size <= 1024, f"img_size {self.img_size} is not in 8..1024"),
             (max(ids) >= self.vocab_size, f"token ids {ids} do not all fit in vocab_size {self.vocab_size}"),
-            (not 0 <= self.dropout < 1, f"dropout {self.dropout} is not in [0, 1)")]
+            (type(self.dropout) not in (int, float) or not 0 <= self.dropout < 1,
+             f"dropout {self.dropout!r} is not a number in [0, 1)")]
         for bad, problem in problems:
             if bad:
                 raise ValueError(f"Config: {problem}")
+
+def check(ok, problem):
+    """A bad argument to generation: a ValueError saying which, not an error from deep inside torch."""
+    if not ok:
+        raise ValueError(f"model: {problem}")
+
+EVAL_FIRST = "call model.eval() before generating (in train mode BatchNorm learns from what it captions)"
 
 # ======================================================= part 1: the model, starting with the visual encoder
 def conv_block(cin, cout):  # halves H and W; its weights are named .0 (conv) and .1 (norm)
@@ -159,6 +167,7 @@ class VLM(nn.Module):
     def generate_plain(self, images, max_new=48):
         """Greedy decoding the plain way, as the card's code does it: for every new token the whole
         sequence (and the CNN) runs again. Slow, but obviously right: part 2 must give its tokens."""
+        check(not self.training, EVAL_FIRST)
         ids = images.new_full((images.size(0), 1), self.config.bos_id, dtype=torch.long)  # (B, 1)
         for _ in range(max_new):
             logits, _ = self(images, ids)  # (B, T, V)
@@ -190,8 +199,8 @@ class VLM(nn.Module):
     def _start(self, images, max_new, need_attn):
         """Run visual tokens + BOS -> (every layer's key/value cache, log-probs of token 1, attn)."""
         cfg, B = self.config, images.size(0)
-        if not 1 <= max_new <= cfg.max_seq:
-            raise ValueError(f"model: max_new must be in 1..{cfg.max_seq} (max_seq), got {max_new}")
+        check(not self.training, EVAL_FIRST)
+        check(B >= 1 and 1 <= max_new <= cfg.max_seq, f"{B} images, max_new {max_new} (1..{cfg.max_seq})")
         shape = (2 * cfg.n_layers, B, cfg.n_heads, cfg.n_vis + cfg.max_seq, cfg.d_model // cfg.n_heads)
         cache = torch.zeros(shape, device=images.device, dtype=self.tok_emb.weight.dtype)
         bos = images.new_full((B, 1), cfg.bos_id, dtype=torch.long)  # (B, 1)
@@ -219,9 +228,11 @@ class VLM(nn.Module):
 
     def generate_topk(self, images, max_new=48, temperature=0.8, top_k=50, generator=None, return_attn=False):
         """Sample from the top_k most likely tokens, logits divided by temperature."""
+        check(temperature > 0 and top_k >= 1, f"temperature {temperature}, top_k {top_k}: need > 0, >= 1")
+
         def pick(logp):
             vals, idx = logp.topk(min(top_k, logp.size(-1)), dim=-1)  # (B, k), the best first
-            probs = ((vals - vals[:, :1]) / temperature).softmax(-1)  # from the best: tiny temperatures, no nan
+            probs = ((vals - vals[:, :1]) / temperature).softmax(-1)  # from the best: a tiny T gives no nan
             choice = torch.multinomial(probs, 1, generator=generator)  # (B, 1)
             return idx.gather(1, choice).squeeze(1)  # (B,)
         return self._sample_loop(images, max_new, pick, return_attn)
@@ -232,6 +243,7 @@ class VLM(nn.Module):
         does. A hypothesis ending in EOS is set aside with score sum(log p) / len**length_penalty (len counts
         the EOS; 0 = summed log-probability); at max_new the live beams compete too (captions without EOS)."""
         cfg, B, W, lp, dev = self.config, images.size(0), beam_width, length_penalty, images.device
+        check(1 <= W <= cfg.vocab_size // 2 and lp >= 0, f"beam_width {W}, length_penalty {lp}: 1..V/2, >= 0")
         cache, logp, attn = self._start(images, max_new, return_attn)  # one live beam per image until step 2
         score = torch.zeros(B, 1, device=dev)  # (B, n): summed log-probs of each image's n live beams
         toks = torch.zeros(B, 0, dtype=torch.long, device=dev)  # (B*n, t): the live beams' tokens
@@ -244,6 +256,10 @@ class VLM(nn.Module):
         for t in range(max_new):
             n = score.size(1)
             top, idx = (score.view(B * n, 1) + logp).view(B, -1).topk(2 * W, dim=1)  # (B, 2W): <= W are EOS
+            # exact ties (bf16 weights) go to the lower id, as argmax breaks them: topk's order is arbitrary
+            idx, by_index = idx.sort(dim=1)
+            top, by_score = top.gather(1, by_index).sort(dim=1, descending=True, stable=True)  # (B, 2W)
+            idx = idx.gather(1, by_score)
             beam, tok = idx // cfg.vocab_size, idx % cfg.vocab_size  # (B, 2W): which beam, extended by what
             is_eos = tok == cfg.eos_id  # (B, 2W)
             for b, j in is_eos[:, :W].nonzero().tolist():  # an EOS in the top W ends its hypothesis

@@ -21,8 +21,8 @@ def caption(model, tok, images, strategy="beam", beam_width=3, length_penalty=0.
     device, max_new = next(model.parameters()).device, model.config.max_seq
     args = {"beam": (beam_width, max_new, length_penalty), "greedy": (max_new,),  # generate_*'s arguments
             "topk": (max_new, temperature, top_k, generator)}
-    if strategy not in args:  # before any work, and even for no images
-        raise ValueError(f"unknown strategy {strategy!r} ({', '.join(args)})")
+    if strategy not in args or batch_size < 1:  # before any work, and even for no images
+        raise ValueError(f"strategy {strategy!r} (one of {', '.join(args)}), batch_size {batch_size} (1 or more)")
     ids, attns = [], []
     for start in range(0, len(images), batch_size):
         x = data.normalize(torch.as_tensor(np.asarray(images[start:start + batch_size])).to(device))

@@ -736,6 +736,33 @@ def test_beam_width_one_equals_greedy(trained):
     assert random_model.generate_beam(y, beam_width=1, max_new=10) == random_model.generate_greedy(y, max_new=10)
 
 
+def test_beam_breaks_exact_ties_as_argmax_does():
+    torch.manual_seed(0)
+    model, x = VLM(Config(vocab_size=349)).eval(), torch.randn(1, 3, 112, 112)
+    first = model.generate_plain(x, 1)[0][0]
+    assert first < 300
+    with torch.no_grad():  # token 300's logit now equals the first token's, exactly (as bf16 weights make ties)
+        model.tok_emb.weight[300] = model.tok_emb.weight[first]
+    assert model.generate_beam(x, beam_width=1, max_new=3) == model.generate_greedy(x, 3) == model.generate_plain(x, 3)
+
+
+def test_generation_refuses_bad_arguments_with_a_value_error(tok):
+    model, x = VLM(Config(vocab_size=300)).eval(), torch.zeros(2, 3, 32, 32)
+    for call, says in ((lambda: model.generate_topk(x, temperature=-1), "temperature -1"),
+                       (lambda: model.generate_topk(x, top_k=0), "top_k 0"),
+                       (lambda: model.generate_beam(x, beam_width=151), "beam_width 151"),
+                       (lambda: model.generate_beam(x, length_penalty=-1), "length_penalty -1"),
+                       (lambda: model.generate_greedy(x[:0]), "0 images"),
+                       (lambda: model.generate_greedy(x, max_new=49), "max_new 49"),
+                       (lambda: Config(dropout="0.1"), "dropout '0.1' is not a number"),
+                       (lambda: scores.caption(model, tok, np.zeros((2, 32, 32, 3), np.uint8), batch_size=0),
+                        "batch_size 0"),
+                       (lambda: model.train().generate_greedy(x), "model.eval()"),  # train mode from here on
+                       (lambda: model.generate_plain(x), "model.eval()")):
+        with pytest.raises(ValueError, match=re.escape(says)):
+            call()
+
+
 def test_batched_equals_one_image_at_a_time(trained):
     model, x, _, _ = trained
     x = torch.cat([x, images(3, seed=7)])  # some seen, some unseen images
