@@ -55,13 +55,6 @@ class Config:
             if bad:
                 raise ValueError(f"Config: {problem}")
 
-def check(ok, problem):
-    """A bad argument to generation: a ValueError saying which, not an error from deep inside torch."""
-    if not ok:
-        raise ValueError(f"model: {problem}")
-
-EVAL_FIRST = "call model.eval() before generating (in train mode BatchNorm learns from what it captions)"
-
 # ======================================================= part 1: the model, starting with the visual encoder
 def conv_block(cin, cout):  # halves H and W; its weights are named .0 (conv) and .1 (norm)
     return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.GELU(), nn.MaxPool2d(2))
@@ -167,7 +160,7 @@ class VLM(nn.Module):
     def generate_plain(self, images, max_new=48):
         """Greedy decoding the plain way, as the card's code does it: for every new token the whole
         sequence (and the CNN) runs again. Slow, but obviously right: part 2 must give its tokens."""
-        check(not self.training, EVAL_FIRST)
+        require(not self.training, EVAL_FIRST)
         ids = images.new_full((images.size(0), 1), self.config.bos_id, dtype=torch.long)  # (B, 1)
         for _ in range(max_new):
             logits, _ = self(images, ids)  # (B, T, V)
@@ -199,8 +192,8 @@ class VLM(nn.Module):
     def _start(self, images, max_new, need_attn):
         """Run visual tokens + BOS -> (every layer's key/value cache, log-probs of token 1, attn)."""
         cfg, B = self.config, images.size(0)
-        check(not self.training, EVAL_FIRST)
-        check(B >= 1 and 1 <= max_new <= cfg.max_seq, f"{B} images, max_new {max_new} (1..{cfg.max_seq})")
+        require(not self.training, EVAL_FIRST)
+        require(B >= 1 and 1 <= max_new <= cfg.max_seq, f"{B} images, max_new {max_new} (1..{cfg.max_seq})")
         shape = (2 * cfg.n_layers, B, cfg.n_heads, cfg.n_vis + cfg.max_seq, cfg.d_model // cfg.n_heads)
         cache = torch.zeros(shape, device=images.device, dtype=self.tok_emb.weight.dtype)
         bos = images.new_full((B, 1), cfg.bos_id, dtype=torch.long)  # (B, 1)
@@ -228,7 +221,7 @@ class VLM(nn.Module):
 
     def generate_topk(self, images, max_new=48, temperature=0.8, top_k=50, generator=None, return_attn=False):
         """Sample from the top_k most likely tokens, logits divided by temperature."""
-        check(temperature > 0 and top_k >= 1, f"temperature {temperature}, top_k {top_k}: need > 0, >= 1")
+        require(temperature > 0 and top_k >= 1, f"temperature {temperature}, top_k {top_k}: need > 0, >= 1")
 
         def pick(logp):
             vals, idx = logp.topk(min(top_k, logp.size(-1)), dim=-1)  # (B, k), the best first
@@ -243,7 +236,7 @@ class VLM(nn.Module):
         does. A hypothesis ending in EOS is set aside with score sum(log p) / len**length_penalty (len counts
         the EOS; 0 = summed log-probability); at max_new the live beams compete too (captions without EOS)."""
         cfg, B, W, lp, dev = self.config, images.size(0), beam_width, length_penalty, images.device
-        check(1 <= W <= cfg.vocab_size // 2 and lp >= 0, f"beam_width {W}, length_penalty {lp}: 1..V/2, >= 0")
+        require(1 <= W <= cfg.vocab_size // 2 and lp >= 0, f"beam_width {W}, length_penalty {lp}: 1..V/2, >=0")
         cache, logp, attn = self._start(images, max_new, return_attn)  # one live beam per image until step 2
         score = torch.zeros(B, 1, device=dev)  # (B, n): summed log-probs of each image's n live beams
         toks = torch.zeros(B, 0, dtype=torch.long, device=dev)  # (B*n, t): the live beams' tokens
@@ -280,6 +273,13 @@ class VLM(nn.Module):
             finish(b, s, b * W)  # the live beams are ranked: beam 0 is their best
         seqs = [h[1] for h in best]
         return (seqs, [h[2] for h in best]) if return_attn else seqs
+
+# the generate_* methods' arguments, checked: a ValueError saying which, not an error from deep inside torch
+def require(ok, problem):
+    if not ok:
+        raise ValueError(f"model: {problem}")
+
+EVAL_FIRST = "call model.eval() before generating (in train mode BatchNorm learns from what it captions)"
 
 # ============================================================================ part 3: the weights on disk
 # safetensors by hand, so that a published model needs no extra library. Layout: 8-byte little-endian header
