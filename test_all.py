@@ -1851,10 +1851,15 @@ def test_torchrun_ctrl_c_in_one_process_stops_both_at_one_step(shapes_dir, tmp_p
     assert step % 5 == 0 and step < 60 * 7  # saved by rank 0 at a step where the two agreed
 
 
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(shapes_dir, tmp_path):
-    r = run_train(tiny_args(shapes_dir, tmp_path, "--lr", "1e30", "--warmup-steps", "1"))
-    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "loss became" in r.stderr
-    assert "Traceback" not in r.stderr
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(shapes_dir, uninterrupted, tmp_path):
+    r = run_train(tiny_args(shapes_dir, tmp_path / "a", "--lr", "1e30", "--warmup-steps", "1"))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    assert "loss became nan at step 5; none was saved yet" in r.stderr, r.stderr  # no claim of a checkpoint
+    shutil.copytree(uninterrupted[0], tmp_path / "b")
+    before = (tmp_path / "b" / "ckpt.pt").read_bytes()
+    r = run_train(tiny_args(shapes_dir, tmp_path / "b", "--resume", "--lr", "1e30", "--epochs", "5"))
+    assert r.returncode == 2 and f"{tmp_path / 'b' / 'ckpt.pt'}, the last good checkpoint, is kept" in r.stderr
+    assert (tmp_path / "b" / "ckpt.pt").read_bytes() == before
 
 
 def test_resume_without_checkpoint_is_one_line(tmp_path):

@@ -234,8 +234,9 @@ def validate(run, val, names, autocast, log, batches=20, batch_size=64):
 def check_finite(loss, run):
     """A diverged run stops here, before it can overwrite the last good checkpoint."""
     if not math.isfinite(loss):
-        raise UserError(f"{run.args.out_dir}/ckpt.pt: loss became {loss} at step {run.step}; the last good "
-                        "checkpoint is kept (try a lower --lr or --dtype float32)")
+        ckpt = f"{run.args.out_dir}/ckpt.pt"
+        kept = f"{ckpt}, the last good checkpoint, is kept" if os.path.exists(ckpt) else "none was saved yet"
+        raise UserError(f"loss became {loss} at step {run.step}; {kept} (try a lower --lr or --dtype float32)")
     return loss
 
 def save_state(run, path, full=True):
