@@ -22,7 +22,7 @@ def caption(model, tok, images, strategy="beam", beam_width=3, length_penalty=0.
     args = {"beam": (beam_width, max_new, length_penalty), "greedy": (max_new,),  # generate_*'s arguments
             "topk": (max_new, temperature, top_k, generator)}
     if strategy not in args or batch_size < 1:  # before any work, and even for no images
-        raise ValueError(f"strategy {strategy!r} (one of {', '.join(args)}), batch_size {batch_size} (1 or more)")
+        raise ValueError(f"strategy {strategy!r} (one of {', '.join(args)}), batch_size {batch_size} (>= 1)")
     ids, attns = [], []
     for start in range(0, len(images), batch_size):
         x = data.normalize(torch.as_tensor(np.asarray(images[start:start + batch_size])).to(device))
