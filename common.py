@@ -145,10 +145,10 @@ def setup(args):
     return device, rank, world, log
 
 # ----------------------------------------------------------------------------- flags
-def add_data_flags(parser, default):
+def add_data_flags(parser, default, shown=None):
     """--data, --data-dir, --prep-dir: the same three flags in data.py, train.py and sample.py."""
     parser.add_argument("--data", choices=["flickr8k", "shapes"], default=default,
-                        help=f"default: {default or 'flickr8k'}")
+                        help=f"default: {shown or default}")
     parser.add_argument("--data-dir", help="the originals; default: data/<data>")
     parser.add_argument("--prep-dir", help="the prepared arrays; default: --data-dir (set it if read-only)")
 

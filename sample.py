@@ -4,8 +4,7 @@ sample.py: caption your own images with a trained SupraVL-Nano, see where it loo
     python sample.py --img photo.jpg other.png              # PATH<TAB>caption, one line per image
     python sample.py --img photo.jpg --strategy topk --num-samples 3 --seed 0
     python sample.py --img photo.jpg --attn attn.png        # the attention picture
-    python sample.py --eval test --data shapes --json test.json
-    python sample.py --eval test --ckpt out-small --data-dir ../shared/flickr8k --prep-dir data/flickr8k-small
+    python sample.py --eval test --json test.json           # on the run's own dataset (--data: another)
 
 --ckpt (default out/ckpt.pt): a ckpt.pt or a published folder, such as train.py's out/ or SupraVL-Nano-900k
 (common.load_model reads each). Captions and scores: scores.py. A printed line never holds a control character
@@ -24,7 +23,7 @@ from PIL import Image, ImageDraw, ImageFont
 import data
 import scores
 from common import (UserError, add_data_flags, atomic_write, check_flags, cli, flag_value, load_model,
-                    pick_device)
+                    load_torch, pick_device)
 
 CELL, LABEL, COLUMNS = 128, 18, 6  # panel size in pixels, text strip under it, panels per row
 
@@ -84,8 +83,18 @@ def caption_files(args, model, tok, opts):
             draw_attention(image, words, args.attn if len(args.img) == 1 else f"{stem}_{i + 1}{ext}")
     return 2 if failed else 0
 
+def eval_data(args):
+    """--eval's dataset: as --data says, else as the run was trained (its ckpt.pt remembers), else Flickr8k."""
+    run = os.path.join(args.ckpt, "ckpt.pt") if os.path.isdir(args.ckpt) else args.ckpt
+    held = load_torch(run) if args.data is None and run.endswith(".pt") and os.path.isfile(run) else {}
+    settings = held.get("settings", {}) if isinstance(held, dict) else {}  # a published model.pt has none
+    for key in ("data", "data_dir", "prep_dir"):
+        setattr(args, key, getattr(args, key) or settings.get(key))
+    args.data = args.data or "flickr8k"
+
 def run_eval(args, model, tok, opts):
     """Score a whole split; the scores go to stdout (and --json), data.prepare's log to stderr."""
+    eval_data(args)
     size = model.config.img_size
     prep_dir = data.prepare(args.data, args.data_dir, size, log=lambda m: print(m, file=sys.stderr),
                             prep_dir=args.prep_dir)
@@ -123,7 +132,7 @@ def get_args(argv=None):
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--attn", help="with --img: the attention picture (attn_1.png... for several images)")
-    add_data_flags(p, default="flickr8k")
+    add_data_flags(p, None, "the run's own (its ckpt.pt remembers it), else flickr8k")
     p.add_argument("--json", help="with --eval: the scores as JSON")
     a = p.parse_args(argv)
     rules = [(flag, flag_value(a, flag) >= 1, "at least 1")

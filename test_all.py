@@ -1647,6 +1647,15 @@ def test_cli_prints_a_line_per_caption_whatever_the_file_name_holds(saved, tmp_p
     assert Image.open(tmp_path / "a.jpg").format == "JPEG"  # the format its name asks for
 
 
+def test_eval_scores_the_dataset_the_run_was_trained_on(uninterrupted, shapes_dir, capsys):
+    out = str(uninterrupted[0])  # trained on shapes in shapes_dir: no --data, --data-dir needed to score it
+    assert sample.main(["--ckpt", out, "--eval", "val", "--device", "cpu"]) == 0
+    assert capsys.readouterr().out.startswith("shapes val: 16 images")
+    assert sample.main(["--ckpt", out + "/ckpt.pt", "--eval", "test", "--data-dir", str(shapes_dir),
+                        "--prep-dir", str(shapes_dir), "--device", "cpu", "--strategy", "greedy"]) == 0
+    assert capsys.readouterr().out.startswith("shapes test: 16 images")
+
+
 def test_cli_bad_checkpoint_is_one_line(saved, tmp_path):
     root, _, _ = saved
     (tmp_path / "ckpt.pt").write_bytes((root / "ckpt.pt").read_bytes()[:1000])

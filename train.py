@@ -295,7 +295,7 @@ def plot_losses(path, history, size=(720, 420), box=(64, 40, 656, 376)):
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="Train SupraVL-Nano.", epilog=__doc__.split("Run:")[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_data_flags(p, default=None)  # None: so that --resume tells a given --data from the default
+    add_data_flags(p, None, "flickr8k")  # None: so that --resume tells a given --data from the default
     p.add_argument("--out-dir", default="out", help="default: out")
     shown = {k: " / ".join(f"{r[k]} ({d})" for d, r in RECIPES.items()) for k in RECIPES["shapes"]} | SHARED
     shown |= {"eval_interval": "a tenth of the run", "half_res_epochs": shown["half_res_epochs"] + "; 56x56 "
