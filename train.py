@@ -10,7 +10,7 @@ Run:
     python train.py --data shapes                        # offline, about 2.5 minutes on a 2-core CPU
     python train.py --data shapes --n-vis 1              # the ablation: one pooled visual token, not 16
     python train.py                                      # Flickr8k on the best device (downloads it once)
-    python train.py --resume                             # continue after Ctrl-C, kill -9 or --max-steps
+    python train.py --resume                             # continue after Ctrl-C, SIGTERM, kill -9, --max-steps
     torchrun --standalone --nproc_per_node=4 train.py    # data parallel over 4 GPUs (gloo on CPUs)
 """
 import argparse
@@ -153,7 +153,8 @@ def train(args):
         + (" (all done: only the export and the final scores are left)" if run.step == total else ""))
 
     STOP.clear()
-    outside = signal.signal(signal.SIGINT, request_stop)  # from here on, Ctrl-C stops at a step boundary
+    # from here on, Ctrl-C (or a job scheduler's SIGTERM) stops at a step boundary, after saving
+    outside = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
     t0, logged, order = time.time(), run.step, None
     while run.step < stop_at:
         epoch, i = divmod(run.step, steps_per_epoch)
@@ -193,7 +194,8 @@ def train(args):
             t0, logged = time.time(), run.step  # img/s counts training steps, not the evaluation
         if stop_requested(run.step, args.log_interval, world, device):
             return interrupted(run, rank, world, log)
-    signal.signal(signal.SIGINT, outside)  # Ctrl-C in the final scoring stops at once
+    for s, handler in outside.items():  # Ctrl-C in the final scoring stops at once
+        signal.signal(s, handler)
     return finish(run, val_split, log) if rank == 0 else None
 
 def finish(run, val_split, log):
@@ -342,6 +344,7 @@ def main(argv=None):
         return 130 if train(args) == "interrupted" else 0  # 130: the shell's code for "stopped by Ctrl-C"
     finally:
         signal.signal(signal.SIGINT, signal.default_int_handler)  # train() sets its own for the loop
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
         if dist.is_initialized():
             dist.destroy_process_group()
 
@@ -349,7 +352,7 @@ def main(argv=None):
 STOP = []  # request_stop appends True: the loop stops at the next step boundary, where the state is whole
 
 def request_stop(signum, frame):
-    """Ctrl-C in the training loop: stop at the next step boundary; a second Ctrl-C stops at once."""
+    """Ctrl-C or SIGTERM in the training loop: stop at the next step boundary; a second one stops at once."""
     if STOP:
         raise KeyboardInterrupt
     STOP.append(True)
