@@ -278,14 +278,12 @@ def form_of(d, check):
     suffix, dec_suffix = m.get("end_of_word_suffix") or "", (parts["decoder"] or {}).get("suffix", "</w>")
     check(isinstance(suffix, str) and isinstance(dec_suffix, str), "an end-of-word suffix is not a string")
     opts = parts["pre_tokenizer"]  # a JSON object: pre is a string
-    switches = {"add_prefix_space": opts.get("add_prefix_space"), "use_regex": opts.get("use_regex", True),
-                "fuse_unk": m.get("fuse_unk")}
-    for key, value in switches.items():  # JSON true or false; the string "false" would read as true
-        check(value in (None, True, False), f"{key} {value!r} is not true or false")
-    whole = byte_level and not switches["use_regex"]
+    for part, key in ((opts, "add_prefix_space"), (opts, "use_regex"), (m, "fuse_unk")):  # not "false"
+        check(key not in part or type(part[key]) is bool, f"{key} {part.get(key)!r} is not true or false")
+    whole = byte_level and not opts.get("use_regex", True)
     return Form(split=(lambda text: [text] if text else []) if whole else splits[pre], byte_level=byte_level,
-                prefix_space=bool(switches["add_prefix_space"]), suffix=suffix,
-                fuse_unk=bool(switches["fuse_unk"]), decoder_suffix=dec_suffix if dec == "BPEDecoder" else None)
+                prefix_space=bool(opts.get("add_prefix_space")), suffix=suffix,
+                fuse_unk=bool(m.get("fuse_unk")), decoder_suffix=dec_suffix if dec == "BPEDecoder" else None)
 
 # ----------------------------------------------------------------------------- the command line
 def read_text(path):

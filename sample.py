@@ -26,6 +26,7 @@ from common import (UserError, add_data_flags, atomic_write, check_flags, cli, f
                     load_torch, pick_device)
 
 CELL, LABEL, COLUMNS = 128, 18, 6  # panel size in pixels, text strip under it, panels per row
+IMAGE_FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}  # --attn's, by its name; else PNG
 
 def word_attention(tok, ids, attn):
     """[(word, (n_vis,) attention), ...] for one caption: attn (len(ids), n_layers, n_vis) averaged over the
@@ -56,7 +57,7 @@ def draw_attention(image_uint8, words_maps, path):
         left = x + (CELL - draw.textlength(word, font=font)) / 2  # centred under its panel
         draw.text((left, y + CELL + 3), word, fill="black", font=font)
     with atomic_write(path) as f:  # the format its name asks for (attn.jpg: a JPEG), else PNG
-        canvas.save(f, format=Image.registered_extensions().get(os.path.splitext(path)[1].lower()) or "PNG")
+        canvas.save(f, format=IMAGE_FORMATS.get(os.path.splitext(path)[1].lower(), "PNG"))
 
 def caption_files(args, model, tok, opts):
     """Print PATH<TAB>caption (num_samples lines) for every readable image, a batch at a time so the first
@@ -68,7 +69,7 @@ def caption_files(args, model, tok, opts):
             try:
                 batch.append((i, path, data.load_image(path, model.config.img_size)))
             except UserError as e:
-                print(f"error: {e}", file=sys.stderr)
+                print(f"error: {scores.printable(str(e))}", file=sys.stderr)
                 failed += 1
         images = np.array([image for _, _, image in batch])  # (B, S, S, 3) uint8; B = 0 captions nothing
         out = scores.caption(model, tok, images, return_attn=bool(args.attn), **opts)
@@ -84,9 +85,10 @@ def caption_files(args, model, tok, opts):
     return 2 if failed else 0
 
 def eval_data(args):
-    """--eval's dataset: as --data says, else as the run was trained (its ckpt.pt remembers), else Flickr8k."""
+    """--eval's dataset: as the flags say, else as the run trained (its ckpt.pt remembers), else Flickr8k."""
     run = os.path.join(args.ckpt, "ckpt.pt") if os.path.isdir(args.ckpt) else args.ckpt
-    held = load_torch(run) if args.data is None and run.endswith(".pt") and os.path.isfile(run) else {}
+    given = args.data or args.data_dir or args.prep_dir  # any of the three given: none is taken from the run
+    held = load_torch(run) if not given and run.endswith(".pt") and os.path.isfile(run) else {}
     settings = held.get("settings", {}) if isinstance(held, dict) else {}  # a published model.pt has none
     for key in ("data", "data_dir", "prep_dir"):
         setattr(args, key, getattr(args, key) or settings.get(key))

@@ -7,6 +7,7 @@ Tests: python -m pytest -q test_all.py -k "bleu or cider or exact or score"
 """
 import math
 import time
+import unicodedata
 from collections import Counter
 
 import numpy as np
@@ -123,6 +124,9 @@ def score_split(model, tok, split, data_name, split_name="val", **generate):
     return result
 
 def printable(text):
-    r"""Control characters and a file name's undecodable bytes as escapes: a line stays one line and cannot
-    drive the terminal (a word-salad caption may hold any byte). printable("a\x1b[2J") -> 'a\\x1b[2J'"""
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+    r"""Control characters, line separators and a file name's undecodable bytes as escapes: a line stays one
+    line and cannot drive the terminal (a word-salad caption may hold any byte); every other character,
+    U+202F in a macOS screenshot's name too, stays itself. printable("a\x1b[2J") -> 'a\\x1b[2J'"""
+    unsafe = ("Cc", "Cs", "Zl", "Zp")  # controls, surrogates (undecodable bytes), line/paragraph separators
+    return "".join(c.encode("unicode_escape").decode() if unicodedata.category(c) in unsafe else c
+                   for c in text)

@@ -193,6 +193,8 @@ def test_bad_tokenizer_files_raise_clear_errors(tok, tmp_path):
                             "suffix is not a string"),
         "switch a string": (_edit(good, lambda d: d[pre].update(add_prefix_space="false")),
                             "add_prefix_space 'false' is not true or false"),
+        "switch a number": (_edit(good, lambda d: d[pre].update(use_regex=0)), "use_regex 0 is not true or false"),
+        "switch null": (_edit(good, lambda d: d["model"].update(fuse_unk=None)), "fuse_unk None is not true"),
         # the parts of other tokenizer.json files we do not read
         "wordpiece": (_edit(good, lambda d: d["model"].update(type="WordPiece")), "model type 'WordPiece'"),
         "unigram": (_edit(good, lambda d: d["model"].update(type="Unigram")), "model type 'Unigram'"),
@@ -1637,6 +1639,7 @@ def test_cli_topk_samples_from_ckpt(saved, tmp_path):
 
 def test_cli_prints_a_line_per_caption_whatever_the_file_name_holds(saved, tmp_path):
     assert scores.printable("a\x1b[2J\n\tb é \udce9") == "a\\x1b[2J\\n\\tb é \\udce9"  # ESC, controls, surrogate
+    assert scores.printable("10.00\u202fAM\u3000x\u2028") == "10.00\u202fAM\u3000x\\u2028"  # spaces stay
     name = os.fsdecode(b"caf\xe9.png")  # not UTF-8: Python holds the byte as a surrogate
     Image.new("RGB", (20, 20), "blue").save(tmp_path / name)
     r = subprocess.run([sys.executable, "sample.py", "--img", tmp_path / name, "--ckpt", saved[0] / "export",
@@ -1645,15 +1648,19 @@ def test_cli_prints_a_line_per_caption_whatever_the_file_name_holds(saved, tmp_p
     assert r.returncode == 0 and r.stdout.count("\n") == 1, r.stderr  # a strict stdout, as en_US.UTF-8 has
     assert r.stdout.startswith(str(tmp_path / "caf\\udce9.png") + "\t")
     assert Image.open(tmp_path / "a.jpg").format == "JPEG"  # the format its name asks for
+    sample.draw_attention(np.zeros((8, 8, 3), np.uint8), [], str(tmp_path / "b.fits"))  # one we do not write
+    assert Image.open(tmp_path / "b.fits").format == "PNG"
 
 
 def test_eval_scores_the_dataset_the_run_was_trained_on(uninterrupted, shapes_dir, capsys):
     out = str(uninterrupted[0])  # trained on shapes in shapes_dir: no --data, --data-dir needed to score it
     assert sample.main(["--ckpt", out, "--eval", "val", "--device", "cpu"]) == 0
     assert capsys.readouterr().out.startswith("shapes val: 16 images")
-    assert sample.main(["--ckpt", out + "/ckpt.pt", "--eval", "test", "--data-dir", str(shapes_dir),
-                        "--prep-dir", str(shapes_dir), "--device", "cpu", "--strategy", "greedy"]) == 0
+    assert sample.main(["--ckpt", out + "/ckpt.pt", "--eval", "test", "--device", "cpu", "--strategy", "greedy"]) == 0
     assert capsys.readouterr().out.startswith("shapes test: 16 images")
+    args = sample.get_args(["--ckpt", out, "--eval", "val", "--data-dir", "elsewhere"])
+    sample.eval_data(args)  # one of the three given: none comes from the run
+    assert (args.data, args.data_dir, args.prep_dir) == ("flickr8k", "elsewhere", None)
 
 
 def test_cli_bad_checkpoint_is_one_line(saved, tmp_path):
@@ -1818,6 +1825,8 @@ def test_resume_after_kill_is_bit_exact(shapes_dir, uninterrupted, tmp_path, sig
     while not os.path.exists(tmp_path / "ckpt.pt") and time.time() < deadline and p.poll() is None:
         time.sleep(0.02)
     p.send_signal(sig)
+    if sig == signal.SIGTERM:
+        p.send_signal(sig)  # a scheduler may signal twice: still a save at a step boundary, not an abort
     log = p.communicate(timeout=60)[0]
     if sig != signal.SIGKILL:  # saved at a step boundary, told how to go on
         assert p.returncode == 130 and "python train.py --resume" in log
@@ -1869,6 +1878,13 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(shapes_dir, uninterru
     r = run_train(tiny_args(shapes_dir, tmp_path / "b", "--resume", "--lr", "1e30", "--epochs", "5"))
     assert r.returncode == 2 and f"{tmp_path / 'b' / 'ckpt.pt'}, the last good checkpoint, is kept" in r.stderr
     assert (tmp_path / "b" / "ckpt.pt").read_bytes() == before
+
+
+def test_train_gives_back_the_signal_handlers_it_took(shapes_dir, tmp_path):
+    before = [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)]
+    with pytest.raises(UserError, match="loss became"):  # in-process, as from a notebook: an error mid-loop
+        train.train(train.get_args(tiny_args(shapes_dir, tmp_path, "--lr", "1e30", "--warmup-steps", "1")))
+    assert [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)] == before
 
 
 def test_resume_without_checkpoint_is_one_line(tmp_path):

@@ -155,47 +155,50 @@ def train(args):
     STOP.clear()
     # from here on, Ctrl-C (or a job scheduler's SIGTERM) stops at a step boundary, after saving
     outside = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
-    t0, logged, order = time.time(), run.step, None
-    while run.step < stop_at:
-        epoch, i = divmod(run.step, steps_per_epoch)
-        if order is None or i == 0:  # once an epoch, the order goes to the device whole
-            order, longest = epoch_order(lengths, epoch, args, rank, world)
-            order = order.to(device)
-        lr = lr_at(run.step, total, args)
-        for g in run.opt.param_groups:
-            g["lr"] = lr
-        if args.dropout:  # its masks: a function of (step, rank), so ranks differ and resume needs no RNG
-            torch.manual_seed(args.seed + run.step * world + rank)
-        pixels = small if epoch < half else images  # 56x56: a quarter of the conv work, still 16 visual tokens
-        x, ids, targets = get_batch(order[i], longest[i], tokens, image_of, pixels)
-        with autocast():
-            _, loss = fast(x, ids, targets)
-        run.scaler.scale(loss).backward()
-        run.scaler.unscale_(run.opt)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        run.scaler.step(run.opt)
-        run.scaler.update()
-        run.opt.zero_grad(set_to_none=True)
-        run.step += 1
+    try:
+        t0, logged, order = time.time(), run.step, None
+        while run.step < stop_at:
+            epoch, i = divmod(run.step, steps_per_epoch)
+            if order is None or i == 0:  # once an epoch, the order goes to the device whole
+                order, longest = epoch_order(lengths, epoch, args, rank, world)
+                order = order.to(device)
+            lr = lr_at(run.step, total, args)
+            for g in run.opt.param_groups:
+                g["lr"] = lr
+            if args.dropout:  # its masks: a function of (step, rank), so ranks differ and resume needs no RNG
+                torch.manual_seed(args.seed + run.step * world + rank)
+            pixels = small if epoch < half else images  # 56x56: a quarter of the conv work, still 16 tokens
+            x, ids, targets = get_batch(order[i], longest[i], tokens, image_of, pixels)
+            with autocast():
+                _, loss = fast(x, ids, targets)
+            run.scaler.scale(loss).backward()
+            run.scaler.unscale_(run.opt)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            run.scaler.step(run.opt)
+            run.scaler.update()
+            run.opt.zero_grad(set_to_none=True)
+            run.step += 1
 
-        if run.step % args.log_interval == 0 or run.step == stop_at:
-            loss_val = check_finite(loss.item(), run)  # the one sync with the device, every log interval
-            run.history["train"].append((run.step, loss_val))
-            run.history["lr"].append((run.step, lr))
-            dt = (time.time() - t0) / (run.step - logged)  # seconds a step since the last log
-            t0, logged = time.time(), run.step
-            log(f"epoch {epoch + 1}/{args.epochs} step {run.step}/{total} loss {loss_val:.4f} lr {lr:.2e} "
-                f"{args.batch_size * world / dt:.0f} img/s eta {(stop_at - run.step) * dt / 60:.1f} min")
-        if run.step % every == 0 or run.step == stop_at:
-            if rank == 0:
-                validate(run, val, val_split.names, autocast, log)
-            if world > 1:
-                dist.barrier()  # the others wait while rank 0 evaluates and writes
-            t0, logged = time.time(), run.step  # img/s counts training steps, not the evaluation
-        if stop_requested(run.step, args.log_interval, world, device):
-            return interrupted(run, rank, world, log)
-    for s, handler in outside.items():  # Ctrl-C in the final scoring stops at once
-        signal.signal(s, handler)
+            if run.step % args.log_interval == 0 or run.step == stop_at:
+                loss_val = check_finite(loss.item(), run)  # the one sync with the device, every log interval
+                run.history["train"].append((run.step, loss_val))
+                run.history["lr"].append((run.step, lr))
+                dt = (time.time() - t0) / (run.step - logged)  # seconds a step since the last log
+                t0, logged = time.time(), run.step
+                eta = (stop_at - run.step) * dt / 60
+                log(f"epoch {epoch + 1}/{args.epochs} step {run.step}/{total} loss {loss_val:.4f} lr {lr:.2e} "
+                    f"{args.batch_size * world / dt:.0f} img/s eta {eta:.1f} min")
+            if run.step % every == 0 or run.step == stop_at:
+                if rank == 0:
+                    validate(run, val, val_split.names, autocast, log)
+                if world > 1:
+                    dist.barrier()  # the others wait while rank 0 evaluates and writes
+                t0, logged = time.time(), run.step  # img/s counts training steps, not the evaluation
+            if stop_requested(run.step, args.log_interval, world, device):
+                return interrupted(run, rank, world, log)
+    finally:  # the handlers from before, also after an error: Ctrl-C in the final scoring stops at once
+        for s, handler in outside.items():
+            signal.signal(s, handler)
     return finish(run, val_split, log) if rank == 0 else None
 
 def finish(run, val_split, log):
@@ -343,8 +346,6 @@ def main(argv=None):
     try:
         return 130 if train(args) == "interrupted" else 0  # 130: the shell's code for "stopped by Ctrl-C"
     finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)  # train() sets its own for the loop
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
         if dist.is_initialized():
             dist.destroy_process_group()
 
@@ -352,8 +353,8 @@ def main(argv=None):
 STOP = []  # request_stop appends True: the loop stops at the next step boundary, where the state is whole
 
 def request_stop(signum, frame):
-    """Ctrl-C or SIGTERM in the training loop: stop at the next step boundary; a second one stops at once."""
-    if STOP:
+    """Ctrl-C or SIGTERM in the training loop: stop at the next step boundary; a second Ctrl-C stops at once."""
+    if STOP and signum == signal.SIGINT:  # a person pressing twice; a scheduler may send SIGTERM twice
         raise KeyboardInterrupt
     STOP.append(True)
 
