@@ -295,6 +295,8 @@ def safetensors_bytes(tensors, metadata=None):
     header = {"__metadata__": {str(k): str(v) for k, v in metadata.items()}} if metadata else {}
     data = bytearray()  # the tensors' bytes so far: len(data) is where the next one starts
     for name, t in tensors.items():
+        if t.dtype not in DTYPE_NAMES or name == "__metadata__":  # one the reader could not read back
+            raise ValueError(f"safetensors: cannot write {name!r} ({t.dtype}); the dtypes: {', '.join(DTYPES)}")
         t = t.detach().cpu().contiguous()
         raw = t.reshape(-1).view(torch.uint8).numpy().tobytes()  # any dtype as its bytes (little-endian host)
         header[name] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape),

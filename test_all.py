@@ -890,6 +890,9 @@ def test_safetensors_round_trip_and_alignment(tmp_path):
     assert back.keys() == tensors.keys()
     for k, t in tensors.items():
         assert back[k].dtype == t.dtype and back[k].shape == t.shape and torch.equal(back[k], t)
+    for name, t in (("c", torch.zeros(2, dtype=torch.complex64)), ("__metadata__", torch.zeros(2))):
+        with pytest.raises(ValueError, match=f"cannot write '{name}'"):  # never a file that cannot be read
+            safetensors_bytes({name: t})
 
 
 def test_safetensors_interop_with_the_real_library(tmp_path):
