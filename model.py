@@ -269,7 +269,7 @@ class VLM(nn.Module):
                 break
             cache = cache.index_select(1, src)  # row i of the new cache is row src[i] of the old one
             logp, attn = self._decode(None, toks[:, -1:], cache, cfg.n_vis + 1 + t, return_attn)
-        for b, s in enumerate((score[:, 0] / max_new ** lp).tolist()):
+        for b, s in enumerate(bound):  # at max_new, the live beams' own scores
             finish(b, s, b * W)  # the live beams are ranked: beam 0 is their best
         seqs = [h[1] for h in best]
         return (seqs, [h[2] for h in best]) if return_attn else seqs
