@@ -140,8 +140,7 @@ class VLM(nn.Module):
         """Teacher forcing: images (B,3,H,W) normalised, ids (B,T) from BOS, T <= max_seq -> logits (B,T,V)
         at the text positions, mean cross-entropy on targets (B,T) with pad_id ignored (None without them)."""
         cfg = self.config
-        if ids.size(1) > cfg.max_seq:
-            raise ValueError(f"model: {ids.size(1)} text tokens exceed max_seq {cfg.max_seq}")
+        require(ids.size(1) <= cfg.max_seq, f"{ids.size(1)} text tokens exceed max_seq {cfg.max_seq}")
         x = self._embed(self.vis_enc(images), ids, 0)  # (B, 16+T, 128)
         for block in self.blocks:
             x, _ = block(x)
@@ -274,7 +273,7 @@ class VLM(nn.Module):
         seqs = [h[1] for h in best]
         return (seqs, [h[2] for h in best]) if return_attn else seqs
 
-# the generate_* methods' arguments, checked: a ValueError saying which, not an error from deep inside torch
+# forward's and the generate_* methods' arguments, checked: a ValueError saying which, not a deep torch error
 def require(ok, problem):
     if not ok:
         raise ValueError(f"model: {problem}")
