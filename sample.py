@@ -86,12 +86,11 @@ def caption_files(args, model, tok, opts):
 
 def eval_data(args):
     """--eval's dataset: as the flags say, else as the run trained (its ckpt.pt remembers), else Flickr8k."""
-    run = os.path.join(args.ckpt, "ckpt.pt") if os.path.isdir(args.ckpt) else args.ckpt
-    given = args.data or args.data_dir or args.prep_dir  # any of the three given: none is taken from the run
-    held = load_torch(run) if not given and run.endswith(".pt") and os.path.isfile(run) else {}
-    settings = held.get("settings", {}) if isinstance(held, dict) else {}  # a published model.pt has none
-    for key in ("data", "data_dir", "prep_dir"):
-        setattr(args, key, getattr(args, key) or settings.get(key))
+    if not (args.data or args.data_dir or args.prep_dir):  # none given: all three come from the run
+        run = os.path.join(args.ckpt, "ckpt.pt") if os.path.isdir(args.ckpt) else args.ckpt
+        held = load_torch(run) if run.endswith(".pt") and os.path.isfile(run) else {}
+        settings = held.get("settings", {}) if isinstance(held, dict) else {}  # a published model.pt has none
+        args.data, args.data_dir, args.prep_dir = (settings.get(k) for k in ("data", "data_dir", "prep_dir"))
     args.data = args.data or "flickr8k"
 
 def run_eval(args, model, tok, opts):
