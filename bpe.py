@@ -144,9 +144,6 @@ def tokenizer_json(vocab, merges):
                        "decoder": byte_level, "model": model}, ensure_ascii=False, indent=1)
 
 # ----------------------------------------------------------------------------- the Tokenizer
-# how a tokenizer.json splits text into words and joins pieces back into text: form_of (below) reads it
-Form = namedtuple("Form", "split byte_level prefix_space suffix fuse_unk decoder_suffix")
-
 class Tokenizer:
     """A BPE tokenizer as its tokenizer.json says: train() writes one (GPT-2's form), from_json() reads it."""
 
@@ -255,6 +252,8 @@ class Tokenizer:
     @classmethod
     def load(cls, path):
         return cls.from_json(read_text(path), path)
+
+Form = namedtuple("Form", "split byte_level prefix_space suffix fuse_unk decoder_suffix")
 
 def form_of(d, check):
     """How tokenizer.json d splits and joins text, else check fails: ByteLevel (add_prefix_space; no
