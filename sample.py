@@ -37,7 +37,7 @@ def word_attention(tok, ids, attn):
              else torch.zeros(maps.size(1))) for w, word in enumerate(tok.decode(ids).split())]
 
 def draw_attention(image_uint8, words_maps, path):
-    """One PNG: the image, then per word a panel where the visual tokens it attended to glow red
+    """One picture: the image, then per word a panel where the visual tokens it attended to glow red
     (the sqrt(n_vis) x sqrt(n_vis) grid drawn as blocks, scaled to its maximum) and the rest darken."""
     base = Image.fromarray(np.asarray(image_uint8)).convert("RGB").resize((CELL, CELL), Image.BICUBIC)
     dark = Image.eval(base, lambda v: v // 4)
