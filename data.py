@@ -16,6 +16,7 @@ import os
 import re
 import textwrap
 import time
+import warnings
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
@@ -205,7 +206,10 @@ def load_image(path, size=112):
     if os.path.getsize(path) == 0:
         raise UserError(f"{path}: empty file, not an image")
     try:
-        with Image.open(path) as im:  # an animation: its first frame
+        with warnings.catch_warnings():  # 90-179 MP (a 108 MP phone photo): only a two-line warning, unheeded
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # above that: the error below
+            im = Image.open(path)
+        with im:  # an animation: its first frame
             im.draft("RGB", (size, size))  # JPEG: decode at 1/2, 1/4 or 1/8 scale, several times faster
             im = _to_rgb(ImageOps.exif_transpose(im)).resize((size, size), Image.BICUBIC)  # camera's rotation
     except Image.DecompressionBombError as e:

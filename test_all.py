@@ -1317,6 +1317,10 @@ def test_load_image_errors_name_the_file(tmp_path, monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 100x100 is then over twice the limit
     with pytest.raises(UserError, match="bomb.png: refused as a decompression bomb"):
         data.load_image(tmp_path / "bomb.png")
+    save(Image.new("RGB", (40, 40)), tmp_path / "big.png")  # over the limit, not twice it: Pillow only warns
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a warning printed two lines on stderr; now there is none
+        assert data.load_image(tmp_path / "big.png").shape == (112, 112, 3)
 
 
 def test_decode_images_in_parallel_keeps_order_and_counts_errors(tmp_path):
