@@ -1913,7 +1913,7 @@ def one_line_exit(capsys, main, argv):
     (["--lr", "-1"], "--lr -1.0: must be above 0"), (["--vocab-size", "100"], "--vocab-size 100"),
     (["--dropout", "1.5"], "--dropout 1.5"), (["--epochs", "0"], "--epochs 0"), (["--epochs", "-1"], "--epochs -1"),
     (["--grad-clip", "-1"], "--grad-clip -1.0"), (["--warmup-steps", "-3"], "--warmup-steps -3"),
-    (["--resume", "--overwrite"], "--resume True"), (["--device", "cuda:7" if torch.cuda.is_available() else "cuda"],
+    (["--resume", "--overwrite"], "--resume and --overwrite: give one"), (["--device", "cuda:7" if torch.cuda.is_available() else "cuda"],
                                                      "--device cuda"),
     (["--max-steps", "0"], "--max-steps 0"), (["--eval-interval", "0"], "--eval-interval 0")])
 def test_bad_train_flags_are_one_line_and_create_nothing(tmp_path, capsys, flags, says):

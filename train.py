@@ -319,9 +319,9 @@ def get_args(argv=None):
     for k, v in ({"data": "flickr8k"} | RECIPES[args.data or "flickr8k"] | SHARED).items():
         if getattr(args, k) is None:
             setattr(args, k, v)
-    if args.resume:  # checked once the checkpoint's settings are in (train: adopt_settings, check_args)
-        check_flags(args, [("--resume", not args.overwrite, "without --overwrite (continue, or replace)")])
-    else:
+    if args.resume and args.overwrite:
+        raise UserError("--resume and --overwrite: give one (continue the run in --out-dir, or replace it)")
+    if not args.resume:  # else checked once the run's own settings are in (train: adopt_settings, check_args)
         check_args(args)
     return args
 
