@@ -121,10 +121,11 @@ def keep_freed_memory():
 
 @contextlib.contextmanager
 def precision(device, dtype):
-    """Autocast to dtype (float32: off), and on the CPU SDPA's plain math kernel, because its flash
-    kernel's backward is slower for attention this small (bench.py: 1.2x faster bf16 steps)."""
+    """Autocast to dtype (float32: none at all, as torch.autocast refuses a device it lacks even when off: mps
+    in torch 2.4); on the CPU SDPA's math kernel, as its flash backward is slower here (bench.py: 1.2x)."""
     kernels = sdpa_kernel(SDPBackend.MATH) if device == "cpu" else contextlib.nullcontext()
-    with torch.autocast(device.split(":")[0], dtype=dtype, enabled=dtype != torch.float32), kernels:
+    kind = device.split(":")[0]
+    with torch.autocast(kind, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext(), kernels:
         yield
 
 def setup(args):

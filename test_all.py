@@ -2119,6 +2119,14 @@ def test_a_t4_gets_fp16_and_an_a100_bf16(monkeypatch):
     assert common.pick_dtype("float32", "cuda")[0] == torch.float32
 
 
+def test_float32_enters_no_autocast_so_a_device_without_one_runs():
+    # "meta" stands in for mps in torch 2.4: torch.autocast refuses such a device even when disabled
+    with common.precision("meta", torch.float32):
+        assert not torch.is_autocast_enabled("cpu")
+    with common.precision("cpu", torch.bfloat16):
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
+
+
 def test_a_batch_is_gathered_on_its_device_without_copies():
     """Everything get_batch touches lives on one device: on a GPU, no host-to-device copy per step."""
     tokens = torch.zeros(40, 49, dtype=torch.long, device="meta")
