@@ -206,8 +206,8 @@ def load_image(path, size=112):
     if os.path.getsize(path) == 0:
         raise UserError(f"{path}: empty file, not an image")
     try:
-        with warnings.catch_warnings():  # 90-179 MP (a 108 MP phone photo): only a two-line warning, unheeded
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # above that: the error below
+        with warnings.catch_warnings():  # 90-179 MP, e.g. a 108 MP phone photo: read, without Pillow's warning
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # more: refused, below
             im = Image.open(path)
         with im:  # an animation: its first frame
             im.draft("RGB", (size, size))  # JPEG: decode at 1/2, 1/4 or 1/8 scale, several times faster
