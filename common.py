@@ -33,6 +33,8 @@ class UserError(Exception):
 
 def cli(main):
     """Run main(): a UserError, an OSError or a full GPU: one stderr line and exit status 2 (Ctrl-C: 130)."""
+    if hasattr(sys.stdout, "reconfigure"):  # a log into a file or pipe shows each line at once, and what
+        sys.stdout.reconfigure(line_buffering=True, errors="backslashreplace")  # a code page lacks, escaped
     try:
         return main()
     except KeyboardInterrupt:
@@ -185,8 +187,7 @@ def download(url, dest, advice, retries=4, backoff=1.0, timeout=(10, 60)):
                 if r.status_code != 200 and not resumed:  # a 5xx, or the bad range above: try again
                     why = f"HTTP {r.status_code}"
                     continue
-                length = r.headers.get("Content-Length", "")  # a 200 sends the whole file, from byte 0
-                size = span[1] if resumed else length  # the whole file's size, if the server says it
+                size = span[1] if resumed else r.headers.get("Content-Length", "")  # the file's, if it says
                 total = int(size) if size.isdigit() else None
                 of = f" of {total / 1e6:.1f}" if total else ""
                 with open(part, "ab" if resumed else "wb") as f:
@@ -249,8 +250,7 @@ def load_torch(path):
         raise UserError(f"{path}: not a readable PyTorch checkpoint ({first})") from None
 
 # config.json: the nine Config fields in upper case (D_MODEL); the token ids also under Hugging Face's names.
-CONFIG_FIELDS = ("d_model", "n_heads", "n_layers", "d_ff", "vis_ch", "n_vis", "vocab_size", "max_seq",
-                 "img_size")
+CONFIG_FIELDS = [f for f in vars(Config()) if f != "dropout" and not f.endswith("_id")]
 TOKEN_IDS = {"bos_id": "bos_token_id", "eos_id": "eos_token_id", "pad_id": "pad_token_id"}
 
 def save_pretrained(out_dir, model, tok):

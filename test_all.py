@@ -2124,6 +2124,15 @@ def test_a_t4_gets_fp16_and_an_a100_bf16(monkeypatch):
     assert common.pick_dtype("float32", "cuda")[0] == torch.float32
 
 
+def test_stdout_into_a_pipe_is_line_buffered_and_never_fails_to_encode():
+    # a pipe (tee, nohup, a cluster's log file) used to get the log in 8 KB blocks; an ASCII or Windows code
+    # page stdout raised UnicodeEncodeError on a caption's U+FFFD
+    code = "import common, sys; common.cli(lambda: print(sys.stdout.line_buffering, 'caf\\xe9 \\ufffd'))"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=HERE, timeout=60,
+                       env={**os.environ, "PYTHONIOENCODING": "ascii"})
+    assert r.returncode == 0 and r.stdout == "True caf\\xe9 \\ufffd\n", r.stderr
+
+
 def test_float32_enters_no_autocast_so_a_device_without_one_runs():
     # "meta" stands in for mps in torch 2.4: torch.autocast refuses such a device even when disabled
     with common.precision("meta", torch.float32):
