@@ -239,7 +239,7 @@ def extract_zip(path, dest_dir):
 def load_torch(path):
     """torch.load with weights_only=True (tensors, numbers, strings, never code); a failure is one line."""
     if not os.path.exists(path):
-        raise UserError(f"{path}: no such checkpoint file or folder")
+        raise UserError(f"{path}: no such checkpoint file or folder (python train.py makes out/ckpt.pt)")
     with open(path, "rb") as f:
         if f.read(4) != b"PK\x03\x04":  # torch.save writes a zip archive
             raise UserError(f"{path}: not a PyTorch checkpoint (not a zip archive as torch.save writes)")
