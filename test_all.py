@@ -1498,7 +1498,8 @@ def test_load_model_refuses_bad_checkpoints(saved, tmp_path):
     ints = {k: v.to(torch.int8) if k == "pos_emb.weight" else v for k, v in model.state_dict().items()}
     torch.save({"model": ints, "config": vars(model.config), "tokenizer": tok.to_json()}, tmp_path / "int8.pt")
     expect = {"truncated.pt": "not a readable", "foreign.pt": "not a zip archive", "other.pt": "not a SupraVL",
-              "keys.pt": "missing weights: ln_f.weight", "shapes.pt": "wrong shapes", "nothing.pt": "no such",
+              "keys.pt": "missing weights: ln_f.weight", "shapes.pt": "wrong shapes",
+              "nothing.pt": r"no such checkpoint file or folder \(python train.py makes out/ckpt.pt\)",
               "int8.pt": "wrong dtypes: pos_emb.weight torch.int8"}
     for name, why in expect.items():
         with pytest.raises(UserError, match=why):
