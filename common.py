@@ -75,11 +75,12 @@ def progress(text, end=False):
 def device_problem(name):
     """None when a tensor can be made on device `name`, else why not, in a few words."""
     kind = name.split(":")[0]
-    if kind not in ("cuda", "mps"):
-        return None if kind == "cpu" else "unknown device (use auto, cpu, cuda, cuda:N or mps)"
+    if kind != "cuda":  # mps: PyTorch's fails on our encoder (its issues 96056 and 175189: see the README)
+        mps = "not supported (README: On a Mac)"
+        return {"cpu": None, "mps": mps}.get(kind, "unknown (use auto, cpu, cuda or cuda:N)")
     with warnings.catch_warnings(record=True) as caught:  # a too-old driver only warns, then says "no"
         warnings.simplefilter("always")
-        present = torch.cuda.is_available() if kind == "cuda" else torch.backends.mps.is_available()
+        present = torch.cuda.is_available()
     if not present:
         return "not available here" + (f" ({str(caught[0].message).splitlines()[0]})" if caught else "")
     try:
@@ -89,8 +90,8 @@ def device_problem(name):
     return None
 
 def pick_device(name="auto"):
-    """"auto": cuda, else mps, else cpu, whichever first works; a named device must work."""
-    for kind in ("cuda", "mps", "cpu") if name == "auto" else (name,):
+    """"auto": cuda if it works, else cpu; a named device must work."""
+    for kind in ("cuda", "cpu") if name == "auto" else (name,):
         problem = device_problem(kind)
         if problem is None:
             return kind
@@ -123,11 +124,10 @@ def keep_freed_memory():
 
 @contextlib.contextmanager
 def precision(device, dtype):
-    """Autocast to dtype (float32: none at all, as torch.autocast refuses a device it lacks even when off: mps
-    in torch 2.4); on the CPU SDPA's math kernel, as its flash backward is slower here (bench.py: 1.2x)."""
+    """Autocast to dtype (float32: off), and on the CPU SDPA's plain math kernel, because its flash
+    kernel's backward is slower for attention this small (bench.py: 1.2x faster bf16 steps)."""
     kernels = sdpa_kernel(SDPBackend.MATH) if device == "cpu" else contextlib.nullcontext()
-    kind = device.split(":")[0]
-    with torch.autocast(kind, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext(), kernels:
+    with torch.autocast(device.split(":")[0], dtype=dtype, enabled=dtype != torch.float32), kernels:
         yield
 
 def setup(args):

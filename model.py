@@ -72,9 +72,7 @@ class VisualEncoder(nn.Module):
     def forward(self, images):
         x = images.contiguous(memory_format=torch.channels_last)  # NHWC: the fast conv kernels' own layout
         x = self.conv3(self.conv2(self.conv1(x)))  # (B, 64, 14, 14)
-        # Apple's MPS pools only sizes that divide (14 -> 4 does not: pytorch issue 96056): there, on the CPU
-        x = self.pool(x.cpu()).to(x.device) if x.device.type == "mps" else self.pool(x)  # (B, 64, 4, 4)
-        x = x.flatten(2).transpose(1, 2)  # (B, 16, 64): one token per grid cell, row-major
+        x = self.pool(x).flatten(2).transpose(1, 2)  # (B, 16, 64): one token per grid cell, row-major
         return self.proj(x)  # (B, 16, 128)
 
 # ----------------------------------------------------------------------------- the GPT part

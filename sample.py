@@ -130,7 +130,7 @@ def get_args(argv=None):
     p.add_argument("--top-k", type=int, default=50)
     p.add_argument("--num-samples", type=int, default=1, help="captions per image (topk)")
     p.add_argument("--seed", type=int, help="makes top-k repeatable")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--attn", help="with --img: the attention picture (attn_1.png... for several images)")
     add_data_flags(p, None, "the run's own (its ckpt.pt remembers it), else flickr8k")

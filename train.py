@@ -309,7 +309,7 @@ def get_args(argv=None):
         p.add_argument(f"--{k.replace('_', '-')}", type=int if v is None else type(v),
                        choices=["auto", "float32", "bfloat16", "float16"] if k == "dtype" else None,
                        help=f"default: {shown[k]}")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--max-steps", type=int, help="stop after this many steps (the schedule is unchanged)")
     p.add_argument("--resume", action="store_true", help="continue --out-dir/ckpt.pt with its settings")
